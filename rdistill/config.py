@@ -1,0 +1,182 @@
+"""One typed config tree (frozen dataclasses), loaded from YAML, with dotted ``--set key=value`` overrides.
+
+Unknown keys, wrong types and out-of-range values are refused with a :class:`ConfigError` naming the dotted key.
+Defaults are the paper's settings (PDS, section 4.1 and appendix C) unless a field says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def _f(default, *, lo=None, hi=None, choices=None, doc=""):
+    return field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices, "doc": doc})
+
+
+@dataclass(frozen=True)
+class EmbeddingsConfig:
+    normalize: bool = _f(
+        True, doc="L2-normalise rows before pruning and clustering (cosine geometry); retrieval is always cosine"
+    )
+    on_invalid: str = _f("skip", choices=("skip", "error"), doc="rows with NaN/inf or a zero vector: skip and count")
+    key_column: str = _f("key", doc="metadata column with the sample key")
+    caption_column: str = _f("caption", doc="metadata column with the caption")
+    block_rows: int = _f(65536, lo=1024, doc="rows read per block in streaming passes")
+    cache_gb: float = _f(2.0, lo=0.0, doc="keep the prepared (float32) store in RAM between passes if it fits")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ratio: float = _f(0.2, lo=0.0, hi=0.99, doc="fraction of least-aligned pairs dropped (authors' default 0.2)")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    num_pairs: int = _f(100, lo=1, doc="M: clusters per modality, the distilled set size")
+    points_per_centroid: int = _f(64, lo=1, doc="k-means training sample per centroid")
+    max_sample: int = _f(
+        1_000_000, lo=1, doc="cap on the k-means training sample (rows; memory ~ max_sample x d x 8 B)"
+    )
+    niter: int = _f(10, lo=0, doc="Lloyd iterations after seeding")
+    init: str = _f("auto", choices=("auto", "kmeans++", "random"), doc="seeding; auto = k-means++ up to 10k clusters")
+    seed_points_per_centroid: int = _f(8, lo=1, doc="k-means++ seeds from at most this many sample rows per centroid")
+    refine_rounds: int = _f(16, lo=0, doc="split-merge refinement rounds at most (0 disables)")
+    refine_niter: int = _f(0, lo=0, doc="Lloyd iterations after each refinement round (0: local relabelling only)")
+    final_niter: int = _f(3, lo=0, doc="Lloyd iterations after refinement, when it moved anything")
+    gpu: bool = _f(False, doc="run k-means and assignment on GPU (needs faiss-gpu)")
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    dense_max: int = _f(4096, lo=1, doc="dense lapjv up to this M, sparse LAPJV (scipy) above")
+
+
+@dataclass(frozen=True)
+class PrototypesConfig:
+    pairless: str = _f("keep", choices=("keep", "drop", "refill"), doc="matches without shared pairs (appendix C.3)")
+
+
+@dataclass(frozen=True)
+class CaptionsConfig:
+    retrieve: bool = _f(True, doc="retrieve the nearest real caption for each text prototype")
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = _f(0, lo=0, doc="seed of every random choice (sampling, seeding)")
+    progress: bool = _f(True, doc="progress bars on stderr")
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    match: MatchConfig = field(default_factory=MatchConfig)
+    prototypes: PrototypesConfig = field(default_factory=PrototypesConfig)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
+
+
+def _check_value(key: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(meta['choices'])}")
+    if meta.get("lo") is not None and value < meta["lo"]:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {meta['lo']}")
+    if meta.get("hi") is not None and value > meta["hi"]:
+        raise ConfigError(f"{key}: {value!r} is above the maximum {meta['hi']}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]} (known under {prefix or 'top level'}: "
+            f"{', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(prefix + name, fields[name], tp, value)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {p} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=3"`` -> ``("a.b", 3)``; the value is parsed as YAML (numbers, booleans, strings)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key.strip()}: cannot parse value {raw!r}: {e}") from None
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides, validated."""
+    tree: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at top level")
+    for item in overrides:
+        _set_dotted(tree, *parse_override(item))
+    try:
+        return _build(Config, tree)
+    except ConfigError as e:
+        where = f" (from {path})" if path is not None else ""
+        raise ConfigError(f"{e}{where}") from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -1,0 +1,73 @@
+"""Similarity pruning (paper section 3.2): drop the ``prune_ratio`` least-aligned pairs, by a global quantile.
+
+The cut is exact and deterministic at any N with bounded memory: pairs are ordered by (cosine similarity, global row
+index) and the first ``floor(prune_ratio * n)`` are dropped. A histogram pass finds the bin that holds the cut, and a
+second pass over the similarities (4 bytes a row, spilled by the caller) sorts just that bin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+SimBlocks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+
+
+def pair_similarity(img_emb: np.ndarray, txt_emb: np.ndarray) -> np.ndarray:
+    """Row-wise dot product of (n, d) arrays: the cosine similarity of each pair when rows are unit. (n,) float32."""
+    return np.einsum("ij,ij->i", img_emb, txt_emb, dtype=np.float32)
+
+
+def _bins(sims: np.ndarray, num_bins: int) -> np.ndarray:
+    b = ((np.clip(sims.astype(np.float64), -1.0, 1.0) + 1.0) * (num_bins / 2.0)).astype(np.int64)
+    return np.minimum(b, num_bins - 1)
+
+
+@dataclass(frozen=True)
+class PruneCut:
+    """A row is kept iff ``(sim, row) > (sim_cut, row_cut)`` in lexicographic order; nothing is cut when
+    ``n_drop == 0``."""
+
+    n_valid: int
+    n_drop: int
+    sim_cut: float
+    row_cut: int
+
+    def keep(self, sims: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(n,) bool mask for float32 sims and int64 global row ids."""
+        if self.n_drop == 0:
+            return np.ones(sims.shape[0], dtype=bool)
+        cut = np.float32(self.sim_cut)
+        return (sims > cut) | ((sims == cut) & (rows > self.row_cut))
+
+
+def find_prune_cut(sim_blocks: SimBlocks, n_valid: int, prune_ratio: float, num_bins: int = 1 << 20) -> PruneCut:
+    """Exact cut for ``prune_ratio`` in [0, 1) over ``n_valid`` rows.
+
+    sim_blocks: a callable returning a fresh iterable of (sims (b,) float32, rows (b,) int64) over all valid rows; it
+    is called twice. Memory: the histogram plus the rows of one bin.
+    """
+    if not 0.0 <= prune_ratio < 1.0:
+        raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
+    n_drop = int(np.floor(prune_ratio * n_valid))
+    if n_drop == 0:
+        return PruneCut(n_valid, 0, float("-inf"), -1)
+    hist = np.zeros(num_bins, dtype=np.int64)
+    for sims, _ in sim_blocks():
+        hist += np.bincount(_bins(sims, num_bins), minlength=num_bins)
+    if int(hist.sum()) != n_valid:
+        raise ValueError(f"similarity stream has {int(hist.sum())} rows, expected {n_valid}")
+    cum = np.cumsum(hist)
+    b = int(np.searchsorted(cum, n_drop))  # first bin whose cumulative count reaches n_drop
+    below = int(cum[b - 1]) if b > 0 else 0
+    in_sims, in_rows = [], []
+    for sims, rows in sim_blocks():
+        sel = _bins(sims, num_bins) == b
+        in_sims.append(sims[sel])
+        in_rows.append(rows[sel])
+    s, r = np.concatenate(in_sims), np.concatenate(in_rows)
+    order = np.lexsort((r, s))
+    last = order[n_drop - below - 1]
+    return PruneCut(n_valid, n_drop, float(s[last]), int(r[last]))

@@ -1,0 +1,237 @@
+"""The embedding store in the clip-retrieval / LAION layout, read in bounded blocks.
+
+Layout under a root (local path or any fsspec URL)::
+
+    img_emb/img_emb_{i}.npy       (n_i, d) float16 or float32
+    text_emb/text_emb_{i}.npy     (n_i, d) float16 or float32, row-aligned with img_emb_{i}
+    metadata/metadata_{i}.parquet n_i rows, at least a key and a caption column
+
+Opening checks everything that can be checked from headers (parts present in all three folders, row counts,
+dimensions, dtypes, metadata columns) and raises :class:`StoreError` naming the file. Reading seeks into each
+``.npy`` so that only one block per modality is in memory at a time, whatever N is.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+_DIRS = {"img": ("img_emb", "img_emb_{}.npy"), "txt": ("text_emb", "text_emb_{}.npy")}
+_META = ("metadata", "metadata_{}.parquet")
+
+
+class StoreError(ValueError):
+    """An embedding store that cannot be read as asked; the message names the file."""
+
+
+@dataclass(frozen=True)
+class NpyPart:
+    path: str
+    rows: int
+    dim: int
+    dtype: np.dtype
+    offset: int  # byte offset of the data
+
+
+@dataclass(frozen=True)
+class Part:
+    index: int
+    start: int  # global row id of the first row
+    rows: int
+    img: NpyPart
+    txt: NpyPart
+    metadata: str
+
+
+@dataclass
+class Block:
+    """Global rows [start, start + n), rows [offset, offset + n) of part ``part``. img/txt: (n, d) float32 (raw, as
+    stored) or None if not requested."""
+
+    part: int
+    start: int
+    offset: int
+    img: np.ndarray | None
+    txt: np.ndarray | None
+    img_norm: np.ndarray | None = None  # raw row norms, once a consumer has normalised img in place
+    txt_norm: np.ndarray | None = None
+
+    @cached_property
+    def rows(self) -> np.ndarray:
+        n = (self.img if self.img is not None else self.txt).shape[0]
+        return np.arange(self.start, self.start + n, dtype=np.int64)
+
+
+def _read_npy_header(fs, path: str) -> NpyPart:
+    try:
+        with fs.open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = reader(f)
+            offset = f.tell()
+    except FileNotFoundError:
+        raise StoreError(f"{path}: file not found") from None
+    except (ValueError, OSError) as e:
+        raise StoreError(f"{path}: not a readable .npy file ({e})") from None
+    if len(shape) != 2:
+        raise StoreError(f"{path}: expected a 2-d array (rows, dim), got shape {shape}")
+    if fortran:
+        raise StoreError(f"{path}: Fortran-ordered arrays are not supported; save with np.save of a C-ordered array")
+    if dtype not in (np.float16, np.float32):
+        raise StoreError(f"{path}: dtype {dtype} not supported (float16 or float32)")
+    return NpyPart(path, int(shape[0]), int(shape[1]), np.dtype(dtype), offset)
+
+
+class EmbeddingStore:
+    """A validated embedding store. ``parts`` lists the parts in index order; ``num_rows`` and ``dim`` are global."""
+
+    def __init__(self, url: str, key_column: str = "key", caption_column: str = "caption"):
+        self.url = str(url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.root = self.root.rstrip("/")
+        self.key_column, self.caption_column = key_column, caption_column
+        if not self.fs.exists(self.root):
+            raise StoreError(f"{self.url}: embedding store not found")
+        found = {}
+        for name, (sub, pattern) in {**_DIRS, "meta": _META}.items():
+            regex = re.compile("^" + re.escape(pattern).replace(r"\{\}", r"(\d+)") + "$")
+            names = [p.rsplit("/", 1)[-1] for p in self.fs.glob(f"{self.root}/{sub}/*")]
+            found[name] = {int(m.group(1)) for m in map(regex.match, names) if m}
+        every = found["img"] | found["txt"] | found["meta"]
+        if not every:
+            raise StoreError(
+                f"{self.url}: no parts found (expected img_emb/img_emb_0.npy, text_emb/text_emb_0.npy, "
+                "metadata/metadata_0.parquet)"
+            )
+        for name, (sub, pattern) in {**_DIRS, "meta": _META}.items():
+            missing = sorted(every - found[name])
+            if missing:
+                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+                raise StoreError(
+                    f"{self._path(sub, pattern, missing[0])}: missing (the other folders have part {missing[0]}){more}"
+                )
+        self.parts: list[Part] = []
+        start = 0
+        for i in sorted(every):
+            img = _read_npy_header(self.fs, self._path(*_DIRS["img"], i))
+            txt = _read_npy_header(self.fs, self._path(*_DIRS["txt"], i))
+            meta = self._path(*_META, i)
+            if img.rows != txt.rows:
+                raise StoreError(f"{txt.path}: {txt.rows} rows but {img.path} has {img.rows}")
+            meta_rows = self._check_metadata(meta)
+            if meta_rows != img.rows:
+                raise StoreError(f"{meta}: {meta_rows} rows but {img.path} has {img.rows}")
+            self.parts.append(Part(i, start, img.rows, img, txt, meta))
+            start += img.rows
+        self.num_rows = start
+        first = self.parts[0]
+        self.dim = first.img.dim
+        for p in self.parts:
+            for arr in (p.img, p.txt):
+                if arr.dim != self.dim:
+                    raise StoreError(f"{arr.path}: dimension {arr.dim}, but {first.img.path} has {self.dim}")
+        self.dtype = str(first.img.dtype)
+
+    def _path(self, sub: str, pattern: str, i: int) -> str:
+        return f"{self.root}/{sub}/{pattern.format(i)}"
+
+    def _check_metadata(self, path: str) -> int:
+        try:
+            with self.fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                names = set(pf.schema_arrow.names)
+                rows = pf.metadata.num_rows
+        except Exception as e:  # pyarrow raises several types for a corrupt footer
+            raise StoreError(f"{path}: not a readable parquet file ({e})") from None
+        for col in (self.key_column, self.caption_column):
+            if col not in names:
+                raise StoreError(f"{path}: no column {col!r} (columns: {', '.join(sorted(names))})")
+        return rows
+
+    def _read_rows(self, arr: NpyPart, r0: int, r1: int) -> np.ndarray:
+        row_bytes = arr.dim * arr.dtype.itemsize
+        with self.fs.open(arr.path, "rb") as f:
+            f.seek(arr.offset + r0 * row_bytes)
+            buf = f.read((r1 - r0) * row_bytes)
+        if len(buf) != (r1 - r0) * row_bytes:
+            raise StoreError(f"{arr.path}: truncated (header says {arr.rows} rows, data ends before row {r1})")
+        return np.frombuffer(buf, dtype=arr.dtype).reshape(r1 - r0, arr.dim).astype(np.float32)
+
+    def _blocks(self, block_rows: int, img: bool, txt: bool) -> Iterator[Block]:
+        for p in self.parts:
+            for r0 in range(0, p.rows, block_rows):
+                r1 = min(r0 + block_rows, p.rows)
+                yield Block(
+                    p.index,
+                    p.start + r0,
+                    r0,
+                    self._read_rows(p.img, r0, r1) if img else None,
+                    self._read_rows(p.txt, r0, r1) if txt else None,
+                )
+
+    def iter_blocks(self, block_rows: int = 65536, *, img: bool = True, txt: bool = True, prefetch: int = 2):
+        """Blocks in global row order. A reader thread keeps up to ``prefetch`` blocks ready, so reading overlaps
+        the caller's compute; memory is ``prefetch + 1`` blocks."""
+        if prefetch <= 0:
+            yield from self._blocks(block_rows, img, txt)
+            return
+        q: queue.Queue = queue.Queue(maxsize=prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def work():
+            try:
+                for b in self._blocks(block_rows, img, txt):
+                    while not stop.is_set():
+                        try:
+                            q.put(b, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(done)
+            except BaseException as e:  # handed to the consumer, raised there
+                q.put(e)
+
+        t = threading.Thread(target=work, daemon=True, name="store-prefetch")
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    def lookup(self, rows: np.ndarray) -> tuple[list[str], list[str]]:
+        """Keys and captions of the given global row ids (any order). Reads two columns of the parts concerned."""
+        rows = np.asarray(rows, dtype=np.int64)
+        keys: list = [None] * rows.size
+        caps: list = [None] * rows.size
+        starts = np.array([p.start for p in self.parts])
+        part_of = np.searchsorted(starts, rows, side="right") - 1
+        for pi in np.unique(part_of):
+            p = self.parts[pi]
+            sel = np.flatnonzero(part_of == pi)
+            with self.fs.open(p.metadata, "rb") as f:
+                table = pq.read_table(f, columns=[self.key_column, self.caption_column])
+            local = table.take(rows[sel] - p.start).to_pydict()
+            for s, k, c in zip(sel, local[self.key_column], local[self.caption_column]):
+                keys[s] = "" if k is None else str(k)
+                caps[s] = "" if c is None else str(c)
+        return keys, caps

@@ -1,0 +1,30 @@
+import numpy as np
+import pytest
+
+from rdistill.planted import make_concepts, write_store
+
+
+@pytest.fixture(scope="session")
+def planted_store(tmp_path_factory):
+    """A small planted store: 20 concepts, 64-d, 12k rows in 3 float16 parts. Returns (root, concepts)."""
+    root = tmp_path_factory.mktemp("planted") / "store"
+    concepts = make_concepts(20, 64, noise=0.6, seed=11)
+    write_store(root, concepts, 12_000, rows_per_part=4_000, seed=12)
+    return root, concepts
+
+
+def copy_store(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture
+def store_copy(planted_store, tmp_path):
+    root, concepts = planted_store
+    return copy_store(root, tmp_path / "store"), concepts
+
+
+def read_vectors(table, column):
+    return np.stack(table[column].to_numpy(zero_copy_only=False))

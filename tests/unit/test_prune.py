@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+
+from rdistill.core.prune import find_prune_cut, pair_similarity
+
+
+def blocks_of(sims, block):
+    rows = np.arange(sims.size, dtype=np.int64)
+
+    def gen():
+        for s in range(0, sims.size, block):
+            yield sims[s : s + block], rows[s : s + block]
+
+    return gen
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.2, 0.5, 0.9])
+@pytest.mark.parametrize("block", [7, 1000])
+def test_cut_drops_exactly_the_lowest_pairs_with_ties(ratio, block):
+    rng = np.random.default_rng(3)
+    # many exact ties (duplicates are common in web data) and values spread over [-1, 1]
+    sims = np.round(rng.uniform(-0.2, 0.6, 5000), 3).astype(np.float32)
+    cut = find_prune_cut(blocks_of(sims, block), sims.size, ratio, num_bins=256)
+    keep = cut.keep(sims, np.arange(sims.size, dtype=np.int64))
+    n_drop = int(np.floor(ratio * sims.size))
+    assert (~keep).sum() == n_drop
+    order = np.lexsort((np.arange(sims.size), sims))  # by (sim, row)
+    expected = np.ones(sims.size, dtype=bool)
+    expected[order[:n_drop]] = False
+    np.testing.assert_array_equal(keep, expected)
+
+
+def test_cut_refuses_bad_ratio_and_wrong_counts():
+    sims = np.zeros(10, dtype=np.float32)
+    with pytest.raises(ValueError, match="prune_ratio"):
+        find_prune_cut(blocks_of(sims, 4), 10, 1.0)
+    with pytest.raises(ValueError, match="expected 11"):
+        find_prune_cut(blocks_of(sims, 4), 11, 0.5)
+
+
+def test_pair_similarity_is_rowwise_dot():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 30, 8)).astype(np.float32)
+    np.testing.assert_allclose(pair_similarity(a, b), [x @ y for x, y in zip(a, b)], rtol=1e-5)
