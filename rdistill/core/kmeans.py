@@ -63,7 +63,7 @@ def _sqnorms(x: np.ndarray) -> np.ndarray:
 
 
 def kmeanspp(x: np.ndarray, k: int, rng: np.random.Generator, n_trials: int | None = None) -> np.ndarray:
-    """Greedy k-means++ seeding: returns (k, d) float32 seeds chosen among the rows of ``x`` (n, d) float32.
+    """Greedy k-means++ seeding: returns the (k,) int64 indices of the rows of ``x`` (n, d) float32 chosen as seeds.
 
     At each step ``n_trials`` candidates are drawn with probability proportional to the squared distance to the
     nearest seed so far, and the one that lowers the potential most is kept. Cost ``O(n k n_trials d)``.
@@ -89,7 +89,20 @@ def kmeanspp(x: np.ndarray, k: int, rng: np.random.Generator, n_trials: int | No
         best = int(dist.sum(1).argmin())
         chosen.append(int(cand[best]))
         closest = dist[best]
-    return x[np.asarray(chosen[:k])].copy()
+    return np.asarray(chosen[:k], dtype=np.int64)
+
+
+def pca_project(x: np.ndarray, dims: int) -> np.ndarray:
+    """x (n, d) float32 projected on its top ``dims`` principal components, (n, min(d, dims)) float32.
+
+    Seeding is memory-bound (one pass over the seeding rows per seed); in fewer dimensions that pass stays in cache.
+    Squared distances along the top components keep most of the cluster structure, and Lloyd iterations in the
+    full space follow anyway."""
+    if x.shape[1] <= dims:
+        return x
+    centred = x - x.mean(0, dtype=np.float64).astype(np.float32)
+    _, vecs = np.linalg.eigh(centred.T.astype(np.float64) @ centred)
+    return np.ascontiguousarray(centred @ vecs[:, -dims:].astype(np.float32))
 
 
 def _lloyd(x: np.ndarray, centroids: np.ndarray, niter: int, seed: int, gpu: bool) -> np.ndarray:
@@ -227,6 +240,7 @@ def fit_kmeans(
     niter: int = 10,
     init: str = "auto",
     seed_points_per_centroid: int = 8,
+    seed_dims: int = 128,
     kmeanspp_max_k: int = 10_000,
     refine_rounds: int = 16,
     refine_niter: int = 0,
@@ -238,10 +252,11 @@ def fit_kmeans(
     """k-means on a training sample.
 
     x: (n, d) float32 sample (n >= k). ``init`` is ``"kmeans++"`` (greedy, on at most ``seed_points_per_centroid * k``
-    rows), ``"random"`` (k distinct rows), or ``"auto"`` (k-means++ up to ``kmeanspp_max_k`` clusters). Then ``niter``
-    Lloyd iterations (FAISS, GPU when ``gpu``), then up to ``refine_rounds`` rounds of split-merge moves (members
-    relabelled locally, plus ``refine_niter`` Lloyd iterations per round if > 0) and ``final_niter`` Lloyd iterations
-    once refinement moved anything; a move is taken when its split gain exceeds ``min_gain_ratio`` times its merge
+    rows projected on their top ``seed_dims`` principal components), ``"random"`` (k distinct rows), or ``"auto"``
+    (k-means++ up to ``kmeanspp_max_k`` clusters). Then ``niter`` Lloyd iterations (FAISS, GPU when ``gpu``), then
+    up to ``refine_rounds`` rounds of split-merge moves (members relabelled locally, plus ``refine_niter`` Lloyd
+    iterations per round if > 0) and ``final_niter`` Lloyd iterations once refinement moved anything; a move is
+    taken when its split gain exceeds ``min_gain_ratio`` times its merge
     cost. Returns centroids (k, d) float32 and :class:`KMeansStats`.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -255,7 +270,7 @@ def fit_kmeans(
     if method == "kmeans++":
         m = min(n, max(k, seed_points_per_centroid * k))
         sub = x if m == n else x[np.sort(rng.choice(n, size=m, replace=False))]
-        centroids = kmeanspp(sub, k, rng)
+        centroids = sub[kmeanspp(pca_project(sub, seed_dims), k, rng)]
         passes += (2 + int(math.log(k))) * m / n
     elif method == "random":
         centroids = x[np.sort(rng.choice(n, size=k, replace=False))].copy()

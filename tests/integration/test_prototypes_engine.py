@@ -164,3 +164,19 @@ def test_cli_reports_bad_config_without_traceback(planted_store, tmp_path, capsy
     rc = main(["--embeddings", str(root), "--output", str(tmp_path / "o"), "--set", "cluster.num_pair=3"])
     err = capsys.readouterr().err
     assert rc == 2 and "unknown config key cluster.num_pair" in err and "Traceback" not in err
+
+
+def test_killed_run_is_redone_from_scratch(planted_store, tmp_path):
+    root, _ = planted_store
+    out = tmp_path / "out"
+    first = run_prototypes(str(root), out, cfg(**{"cluster.num_pairs": 20}))
+    expected = pq.read_table(out / "prototypes.parquet")
+    # a run killed mid-way leaves spills and maybe an old table, but never the _SUCCESS marker
+    (out / "_SUCCESS").unlink()
+    (out / "_work").mkdir()
+    (out / "_work" / "sims_0.npy").write_bytes(b"partial")
+    (out / "prototypes.parquet").write_bytes(b"stale")
+    again = run_prototypes(str(root), out, cfg(**{"cluster.num_pairs": 20}))
+    assert again["counts"] == first["counts"]
+    assert pq.read_table(out / "prototypes.parquet").equals(expected)
+    assert (out / "_SUCCESS").exists() and not (out / "_work").exists()

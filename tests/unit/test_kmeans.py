@@ -2,7 +2,7 @@ import faiss
 import numpy as np
 import pytest
 
-from rdistill.core.kmeans import fit_kmeans, kmeanspp, merge_costs, nearest_centroid, split_gains
+from rdistill.core.kmeans import fit_kmeans, kmeanspp, merge_costs, nearest_centroid, pca_project, split_gains
 from rdistill.planted import make_concepts, sample_pairs
 
 
@@ -40,15 +40,33 @@ def test_kmeanspp_picks_distinct_rows():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((500, 8)).astype(np.float32)
     seeds = kmeanspp(x, 50, rng)
-    rows = {tuple(r) for r in seeds}
-    assert len(rows) == 50
-    assert all(any(np.array_equal(s, xi) for xi in x) for s in seeds[:5])
+    assert seeds.shape == (50,) and len(set(seeds.tolist())) == 50 and seeds.max() < 500
+
+
+def test_kmeanspp_spreads_seeds_over_separated_blobs():
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((6, 16)).astype(np.float32) * 10
+    sizes = [400, 200, 100, 50, 20, 10]  # heavy-tailed: plain random seeding would miss the small blobs
+    x = np.concatenate([c + rng.standard_normal((s, 16)).astype(np.float32) * 0.1 for c, s in zip(centres, sizes)])
+    blob = np.repeat(np.arange(6), sizes)
+    assert sorted(blob[kmeanspp(x, 6, rng)].tolist()) == list(range(6))
+
+
+def test_pca_projection_keeps_the_top_components():
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((300, 5)) * [10, 5, 1, 0.1, 0.1]).astype(np.float32) @ np.linalg.qr(
+        rng.standard_normal((5, 5))
+    )[0].astype(np.float32)
+    p = pca_project(x, 2)
+    assert p.shape == (300, 2)
+    np.testing.assert_allclose(np.sort(p.var(0)), [25, 100], rtol=0.3)
+    assert pca_project(x, 8) is x
 
 
 def test_kmeanspp_with_fewer_distinct_points_than_k():
     x = np.repeat(np.eye(3, dtype=np.float32), 4, axis=0)
     seeds = kmeanspp(x, 5, np.random.default_rng(0))
-    assert seeds.shape == (5, 3)
+    assert seeds.shape == (5,) and len(set(seeds.tolist())) == 5
 
 
 def test_split_gains_match_explicit_bisection():
