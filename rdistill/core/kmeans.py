@@ -139,7 +139,9 @@ def _rowwise_dot(x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def split_gains(x: np.ndarray, labels: np.ndarray, k: int, power_iters: int = 4, seed: int = 0):
+def split_gains(
+    x: np.ndarray, labels: np.ndarray, k: int, power_iters: int = 4, two_means_iters: int = 5, seed: int = 0
+):
     """Best bisection of every cluster along its principal direction.
 
     Returns gain (k,) float64 (SSE decrease if the cluster is split; 0 for clusters of fewer than 2 points) and
@@ -161,7 +163,17 @@ def split_gains(x: np.ndarray, labels: np.ndarray, k: int, power_iters: int = 4,
         norm = np.linalg.norm(v, axis=1, keepdims=True)
         v = np.where(norm > 0, v / np.where(norm > 0, norm, 1), v)
     proj = _rowwise_dot(x, v.astype(np.float32), labels) - np.einsum("ij,ij->i", means, v)[labels]
+    # Bisect along v by 1-D 2-means on the projections, not at the mean: a small concept merged into a large one
+    # sits far out on one side, and a cut at the mean would halve the large one instead of isolating it.
     upper = proj > 0
+    for _ in range(two_means_iters):
+        n_up = np.bincount(labels, weights=upper, minlength=k)
+        s_up = np.bincount(labels, weights=proj * upper, minlength=k)
+        s_all = np.bincount(labels, weights=proj, minlength=k)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cut = 0.5 * (s_up / n_up + (s_all - s_up) / (counts - n_up))
+        cut = np.where(np.isfinite(cut), cut, 0.0)
+        upper = proj > cut[labels]
     side = labels * 2 + upper
     h_counts = np.bincount(side, minlength=2 * k).astype(np.float64)
     h_sums = _cluster_sums(x, side, 2 * k)
