@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import sys
 import tempfile
 import time
@@ -33,7 +32,10 @@ import numpy as np
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: a spawned child's ru_maxrss starts from its parent's peak (inherited through exec)
+    from rdistill.runtime import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def _load_store(root: Path) -> tuple[np.ndarray, np.ndarray]:

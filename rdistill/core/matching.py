@@ -141,6 +141,7 @@ def match_clusters(
     """
     k = counts.shape[0]
     counts = sp.csr_matrix(counts)
+    counts.eliminate_zeros()  # scipy's sparse solver refuses zero-weight edges
     if k <= dense_max:
         txt_of_img = _solve_dense(counts.toarray())
         solver = "lapjv-dense"

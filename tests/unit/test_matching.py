@@ -62,3 +62,11 @@ def test_contingency_sparse_equals_dense():
         np.add.at(ref, (a, b), 1)
     np.testing.assert_array_equal(dense.to_sparse().toarray(), ref)
     np.testing.assert_array_equal(sparse.to_sparse().toarray(), ref)
+
+
+def test_explicit_zeros_and_empty_tables():
+    counts = sp.csr_matrix((np.array([0, 3]), (np.array([0, 1]), np.array([1, 0]))), shape=(3, 3))
+    m = match_clusters(counts, dense_max=0)
+    assert m.objective == 3 and sorted(m.txt_of_img.tolist()) == [0, 1, 2]
+    empty = match_clusters(sp.csr_matrix((4, 4), dtype=np.int64), dense_max=0)
+    assert empty.objective == 0 and sorted(empty.txt_of_img.tolist()) == [0, 1, 2, 3]
