@@ -19,8 +19,10 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
-def _f(default, *, lo=None, hi=None, choices=None, doc=""):
-    return field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices, "doc": doc})
+def _f(default, *, lo=None, hi=None, choices=None, doc="", runtime=False):
+    """A config field. ``runtime`` fields change how a stage runs, not what it produces: a finished or half-done
+    stage resumes under new values of them (batch sizes, pool sizes, block sizes)."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices, "doc": doc, "runtime": runtime})
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,10 @@ class EmbeddingsConfig:
     on_invalid: str = _f("skip", choices=("skip", "error"), doc="rows with NaN/inf or a zero vector: skip and count")
     key_column: str = _f("key", doc="metadata column with the sample key")
     caption_column: str = _f("caption", doc="metadata column with the caption")
-    block_rows: int = _f(65536, lo=1024, doc="rows read per block in streaming passes")
-    cache_gb: float = _f(2.0, lo=0.0, doc="keep the prepared (float32) store in RAM between passes if it fits")
+    block_rows: int = _f(65536, lo=1024, doc="rows read per block in streaming passes", runtime=True)
+    cache_gb: float = _f(
+        2.0, lo=0.0, doc="keep the prepared (float32) store in RAM between passes if it fits", runtime=True
+    )
 
 
 @dataclass(frozen=True)
@@ -72,15 +76,96 @@ class CaptionsConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    address: str = _f(
+        "",
+        doc="Ray cluster to join; empty: RAY_ADDRESS, else a running job's cluster, else a local instance",
+        runtime=True,
+    )
+    num_cpus: int = _f(
+        0, lo=0, doc="CPUs of a local instance started by rdistill (0: all of this machine's)", runtime=True
+    )
+    data_progress: bool = _f(False, doc="Ray Data's own progress bars (rdistill shows its own)", runtime=True)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """How a model stage runs on Ray: a fixed-size pool of actors, each holding one copy of the model."""
+
+    actors: int = _f(
+        0, lo=0, doc="actors in the pool (0: one per GPU of the cluster, else half its CPUs)", runtime=True
+    )
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"), doc="auto: cuda when the cluster has GPUs", runtime=True)
+    gpus_per_actor: float = _f(1.0, lo=0.0, doc="GPUs each actor reserves when device is cuda", runtime=True)
+    cpus_per_actor: float = _f(
+        1.0, lo=0.0, doc="CPUs each actor reserves (also its torch threads on CPU)", runtime=True
+    )
+    precision: str = _f("auto", choices=("auto", "fp16", "bf16", "fp32"), doc="auto: fp16 on GPU, fp32 on CPU")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    model: str = _f("ViT-L-14", doc="open_clip model name (paper: ViT-L-14), or rdistill-tiny (random init, offline)")
+    pretrained: str = _f("openai", doc="open_clip pretrained tag or a local checkpoint path; empty: random init")
+    image_keys: str = _f("jpg,jpeg,png,webp", doc="shard member extensions read as the image, first present wins")
+    caption_key: str = _f("txt", doc="member extension holding the caption as plain text")
+    json_key: str = _f("json", doc="member extension of the JSON metadata, read when the text member is missing")
+    json_caption_field: str = _f("caption", doc="field of the JSON member holding the caption")
+    batch_size: int = _f(256, lo=1, doc="samples per model call", runtime=True)
+    decode_batch: int = _f(
+        64, lo=1, doc="decoded samples per block handed from the CPU readers to the model", runtime=True
+    )
+    decode_cpus: float = _f(1.0, lo=0.0, doc="CPUs each shard reader task reserves", runtime=True)
+    shard_retries: int = _f(
+        3, lo=0, doc="re-reads of a shard after an I/O error before the run fails naming it", runtime=True
+    )
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+
+@dataclass(frozen=True)
+class SynthesizeConfig:
+    model: str = _f(
+        "stabilityai/stable-diffusion-2-1-unclip-small",
+        doc="diffusers model id or local path of a StableUnCLIPImg2ImgPipeline, or rdistill-tiny (random init)",
+    )
+    steps: int = _f(100, lo=1, doc="denoising steps (authors: 100)")
+    guidance_scale: float = _f(5.0, lo=0.0, doc="classifier-free guidance (authors: 5.0)")
+    noise_level: int = _f(10, lo=0, doc="noise added to the image embedding (authors: 10)")
+    negative_prompt: str = _f("text, watermark", doc="authors' negative prompt")
+    resolution: int = _f(0, lo=0, doc="generation height and width in pixels (0: the model's default)")
+    image_size: int = _f(224, lo=1, doc="output images are resized to this square size (authors: 224, LANCZOS)")
+    resample: str = _f("lanczos", choices=("lanczos", "bicubic", "bilinear"), doc="resize filter")
+    image_format: str = _f("png", choices=("png", "jpg"), doc="image member format in the output shards")
+    jpeg_quality: int = _f(95, lo=1, hi=100, doc="quality when image_format is jpg")
+    image_norm: float = _f(
+        0.0, lo=0.0, doc="norm of the image embedding given to the decoder; 0: each prototype's recorded raw norm"
+    )
+    batch_size: int = _f(8, lo=1, doc="prototypes per decoder call", runtime=True)
+    shard_size: int = _f(1000, lo=1, doc="prototypes per output shard (the unit of resume)")
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = _f(0, lo=0, doc="seed of every random choice (sampling, seeding)")
-    progress: bool = _f(True, doc="progress bars on stderr")
+    progress: bool = _f(True, doc="progress bars on stderr", runtime=True)
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     match: MatchConfig = field(default_factory=MatchConfig)
     prototypes: PrototypesConfig = field(default_factory=PrototypesConfig)
     captions: CaptionsConfig = field(default_factory=CaptionsConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# The sections each stage's result depends on: a finished stage is redone only when one of these changed.
+STAGE_SECTIONS = {
+    "embed": ("embed",),
+    "prototypes": ("seed", "embeddings", "prune", "cluster", "match", "prototypes", "captions"),
+    "synthesize": ("seed", "synthesize"),
+}
 
 
 def _check_value(key: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
@@ -178,5 +263,21 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+def dump_config(cfg: Config, stage: str | None = None) -> str:
+    """The resolved config as YAML; with ``stage``, only the sections that stage's result depends on."""
+    if stage is None:
+        return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    tree = {k: v for k, v in _result_fields(cfg).items() if k in STAGE_SECTIONS[stage]}
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+def _result_fields(node) -> dict:
+    """The config as a dict without its ``runtime`` fields: what a stage's result depends on."""
+    out = {}
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = _result_fields(value)
+        elif not f.metadata.get("runtime"):
+            out[f.name] = value
+    return out

@@ -39,16 +39,12 @@ from rdistill.core.matching import Contingency, match_clusters
 from rdistill.core.prototypes import CellMeans, cosine, plan_cells
 from rdistill.core.prune import find_prune_cut, pair_similarity
 from rdistill.core.retrieval import NearestRows
-from rdistill.runtime import StepRecorder, atomic_path, atomic_write_json, atomic_write_text, progress
+from rdistill.runtime import RunError, StepRecorder, atomic_path, atomic_write_json, atomic_write_text, progress
 from rdistill.store import Block, EmbeddingStore, StoreError
 
 log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
-
-
-class RunError(RuntimeError):
-    """A run that cannot go on; the message says why and what to change."""
 
 
 def _unit_rows(x: np.ndarray, enabled: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -385,7 +381,7 @@ def run_prototypes(embeddings: str, output: str | Path, cfg: Config, *, overwrit
     is refused unless ``overwrite``.
     """
     out = Path(output)
-    resolved = dump_config(cfg)
+    resolved = dump_config(cfg, "prototypes")
     if (out / SUCCESS).exists() and not overwrite:
         previous = (out / "config.yaml").read_text() if (out / "config.yaml").exists() else None
         summary = json.loads((out / "summary.json").read_text())

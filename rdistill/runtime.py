@@ -15,6 +15,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on; the message says why and what to change."""
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
     path = Path(path)
@@ -118,3 +122,15 @@ def progress(total: int, desc: str, enabled: bool, unit: str = "rows"):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled, file=sys.stderr, leave=False)
+
+
+FAULT_ENV = "RDISTILL_FAULT_KILL_AFTER"
+
+
+def fault_point(stage: str, units_done: int) -> None:
+    """Testing hook: with ``RDISTILL_FAULT_KILL_AFTER=stage:N`` in the environment, the process SIGKILLs itself
+    once ``stage`` has finished ``N`` units (parts, shards), to test resume after a hard kill at a known point."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec and spec == f"{stage}:{units_done}":
+        log.warning("%s=%s: killing this process", FAULT_ENV, spec)
+        os.kill(os.getpid(), 9)

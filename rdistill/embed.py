@@ -1,0 +1,323 @@
+"""The embedding stage: WebDataset shards -> CLIP embeddings in the clip-retrieval / LAION layout.
+
+    python -m rdistill.embed --input SHARDS --output DIR [--config FILE] [--set key=value ...]
+
+SHARDS is a directory, a glob, a brace pattern (``data/{00000..00099}.tar``) or a URL (anything fsspec opens).
+Ray Data reads and decodes the shards in CPU tasks and streams them through a fixed-size pool of open_clip actors
+(:mod:`rdistill.embedding`); the driver writes one part per shard, atomically, then its done-marker:
+
+    DIR/img_emb/img_emb_{i}.npy      (n, d) float16, raw image embeddings (not normalised)
+    DIR/text_emb/text_emb_{i}.npy    (n, d) float16, raw text embeddings
+    DIR/metadata/metadata_{i}.parquet key, caption, shard, index (row-aligned with the two arrays)
+    DIR/_done/part_{i}.json          the shard's counts and timing; written last
+    DIR/embed.json                   input shards, model name, tag, dim, preprocessing; DIR/summary.json
+
+Part ``i`` holds the samples of the ``i``-th shard of the sorted shard list, in tar order. Vectors are stored raw
+so that their norms, which the unCLIP decoder was trained on, survive; the prototype engine normalises on read.
+A rerun embeds only the shards without a done-marker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rdistill.cli import add_common_args, cli_config
+from rdistill.config import Config, ConfigError, dump_config
+from rdistill.embedding import ClipEmbedder, read_shards
+from rdistill.models.clip import ClipSpec, ModelError, resolve_clip
+from rdistill.runtime import RunError, atomic_path, atomic_write_json, atomic_write_text, fault_point, progress
+from rdistill.shards import SampleFormat, ShardSpecError, resolve_shards
+
+log = logging.getLogger(__name__)
+
+SUCCESS = "_SUCCESS"
+DONE = "_done"
+RUN_FILE = "embed.json"
+
+
+def _part_paths(out: Path, i: int) -> dict[str, Path]:
+    return {
+        "img": out / "img_emb" / f"img_emb_{i}.npy",
+        "txt": out / "text_emb" / f"text_emb_{i}.npy",
+        "meta": out / "metadata" / f"metadata_{i}.parquet",
+        "done": out / DONE / f"part_{i}.json",
+    }
+
+
+def _save_npy(path: Path, x: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, x)
+
+
+class _Part:
+    """Rows of one part as they arrive from the pool, in order."""
+
+    def __init__(self):
+        self.blocks: list[dict] = []
+        self.rows = 0
+
+
+class _Assembler:
+    """Collects pool output per part; writes a part once its end row arrives and every row is there."""
+
+    def __init__(self, out: Path, shards: list[str], dim: int, bar):
+        self.out, self.shards, self.dim, self.bar = out, shards, dim, bar
+        self.open: dict[int, _Part] = {}
+        self.done: list[dict] = []
+        self.failed: list[str] = []
+        self.samples = 0
+
+    def add(self, batch: dict) -> None:
+        end = np.asarray(batch["end"], dtype=bool)
+        parts = np.asarray(batch["part"])
+        for p in np.unique(parts).tolist():
+            m = parts == p
+            live = m & ~end
+            acc = self.open.setdefault(p, _Part())
+            if live.any():
+                acc.blocks.append({k: np.asarray(batch[k])[live] for k in ("index", "key", "caption", "img_emb",
+                                                                             "txt_emb")})  # fmt: skip
+                acc.rows += int(live.sum())
+            ends = np.flatnonzero(m & end)
+            if len(ends):
+                info = json.loads(batch["info"][ends[0]])
+                self._finish(p, self.open.pop(p), int(batch["index"][ends[0]]), info)
+
+    def _finish(self, p: int, acc: _Part, expected: int, info: dict) -> None:
+        if info["error"]:
+            self.failed.append(info["error"])
+            log.error("part %d: %s", p, info["error"])
+            self.bar.update(1)
+            return
+        if acc.rows != expected:
+            raise RunError(f"part {p} ({self.shards[p]}): {acc.rows} rows arrived, the reader sent {expected}")
+        cols = {k: np.concatenate([b[k] for b in acc.blocks]) if acc.blocks else None for k in
+                ("index", "key", "caption", "img_emb", "txt_emb")}  # fmt: skip
+        if acc.blocks:
+            order = np.argsort(cols["index"], kind="stable")
+            cols = {k: v[order] for k, v in cols.items()}
+            if not np.array_equal(cols["index"], np.arange(expected)):
+                raise RunError(f"part {p} ({self.shards[p]}): rows arrived with gaps or duplicates")
+        img = cols["img_emb"] if acc.blocks else np.zeros((0, self.dim), np.float16)
+        txt = cols["txt_emb"] if acc.blocks else np.zeros((0, self.dim), np.float16)
+        paths = _part_paths(self.out, p)
+        table = pa.table({
+            "key": pa.array([str(k) for k in cols["key"]] if acc.blocks else [], pa.string()),
+            "caption": pa.array([str(c) for c in cols["caption"]] if acc.blocks else [], pa.string()),
+            "shard": pa.array([self.shards[p]] * expected, pa.string()),
+            "index": pa.array(np.arange(expected, dtype=np.int64)),
+        })  # fmt: skip
+        _save_npy(paths["img"], np.ascontiguousarray(img, dtype=np.float16))
+        _save_npy(paths["txt"], np.ascontiguousarray(txt, dtype=np.float16))
+        with atomic_path(paths["meta"]) as tmp:
+            pq.write_table(table, tmp)
+        seconds = max(time.time() - info["started"], 1e-9)
+        record = {
+            "part": p,
+            "shard": self.shards[p],
+            "samples": expected,
+            "skipped": info["skipped"],
+            "retries": info["retries"],
+            "read_seconds": round(info["read_seconds"], 3),
+            "seconds": round(seconds, 3),
+            "samples_per_s": round(expected / seconds, 1),
+        }
+        atomic_write_json(paths["done"], record)
+        self.done.append(record)
+        self.samples += expected
+        self.bar.update(1)
+        self.bar.set_postfix(samples=self.samples, refresh=False)
+        fault_point("embed", len(self.done))
+
+
+def _load_done(out: Path, n: int) -> dict[int, dict]:
+    done = {}
+    for i in range(n):
+        path = _part_paths(out, i)["done"]
+        if path.exists():
+            done[i] = json.loads(path.read_text())
+    return done
+
+
+def _clear(out: Path) -> None:
+    for name in ("img_emb", "text_emb", "metadata", DONE):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in (SUCCESS, "summary.json", RUN_FILE, "config.yaml"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _run_record(input_spec: str, shards: list[str], spec: ClipSpec, cfg: Config) -> dict:
+    return {
+        "input": input_spec,
+        "shards": shards,
+        "model": {
+            "name": spec.model,
+            "pretrained": spec.pretrained,
+            "embed_dim": spec.embed_dim,
+            "image_size": spec.image_size,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "interpolation": spec.interpolation,
+            "resize_mode": spec.resize_mode,
+        },
+        "vectors": {"dtype": "float16", "normalized": False},
+        "config": dump_config(cfg, "embed"),
+    }
+
+
+def run_embed(input_spec: str, output: str | Path, cfg: Config, *, overwrite: bool = False) -> dict:
+    """Embed the shards matched by ``input_spec`` into the store at ``output``; returns the summary dict.
+
+    Parts already done are kept; a store made from other shards or another model/config is refused unless
+    ``overwrite`` (which deletes it first).
+    """
+    import ray
+
+    from rdistill.raytools import actor_pool_args, init_ray, plan_pool, reader_task_args, unwrap_error
+
+    out = Path(output)
+    try:
+        shards = resolve_shards(input_spec)
+        spec = resolve_clip(cfg.embed.model, cfg.embed.pretrained)
+    except (ShardSpecError, ModelError) as e:
+        raise RunError(str(e)) from None
+    record = _run_record(input_spec, shards, spec, cfg)
+    run_file = out / RUN_FILE
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())
+        same = {k: previous.get(k) for k in ("shards", "model", "config")} == {
+            k: record[k] for k in ("shards", "model", "config")
+        }
+        if not same and not overwrite:
+            raise RunError(f"{out} holds embeddings of other shards, another model or config: "
+                           "pass --overwrite or choose another --output")  # fmt: skip
+        if not same:
+            _clear(out)
+    elif overwrite:
+        _clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_file, record)
+    atomic_write_text(out / "config.yaml", record["config"])
+    done = _load_done(out, len(shards))
+    pending = [i for i in range(len(shards)) if i not in done]
+    log.info("embed: %d shards, %d done, %d to embed with %s/%s (dim %d)", len(shards), len(done), len(pending),
+             spec.model, spec.pretrained or "random", spec.embed_dim)  # fmt: skip
+    plan, new, failed, wall = None, [], [], 0.0
+    if pending:
+        init_ray(cfg.ray)
+        try:
+            plan = plan_pool(cfg.embed.pool, "embed")
+        except ConfigError as e:
+            raise RunError(str(e)) from None
+        fmt = SampleFormat.from_config(cfg.embed)
+        items = [{"part": i, "url": shards[i]} for i in pending]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(read_shards, batch_size=1, **reader_task_args(cfg.embed.decode_cpus, plan), fn_kwargs={
+            "spec": spec, "fmt": fmt, "retries": cfg.embed.shard_retries, "block": cfg.embed.decode_batch})  # fmt: skip
+        ds = ds.map_batches(
+            ClipEmbedder,
+            fn_constructor_kwargs={
+                "spec": spec,
+                "device": plan.device,
+                "precision": plan.precision,
+                "threads": plan.threads,
+            },  # fmt: skip
+            batch_size=cfg.embed.batch_size,
+            **actor_pool_args(plan),
+        )
+        t0 = time.perf_counter()
+        with progress(len(pending), "embed", cfg.progress, unit="shards") as bar:
+            asm = _Assembler(out, shards, spec.embed_dim, bar)
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    asm.add(batch)
+            except RunError:
+                raise
+            except Exception as e:
+                raise RunError(f"embedding stage failed: {unwrap_error(e)}") from e
+        wall = time.perf_counter() - t0
+        new, failed = asm.done, asm.failed
+        if asm.open:
+            raise RunError(f"parts {sorted(asm.open)} never received their end row")
+    done.update({r["part"]: r for r in new})
+    summary = _summary(input_spec, out, record, done, new, failed, wall, plan)
+    atomic_write_json(out / "summary.json", summary)
+    if failed:
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise RunError(f"{len(failed)} shard(s) failed, rerun to retry them: {failed[0]}{more}")
+    atomic_write_text(out / SUCCESS, "")
+    return summary
+
+
+def _summary(input_spec, out, record, done, new, failed, wall, plan) -> dict:
+    skipped = Counter()
+    for r in done.values():
+        skipped.update(r["skipped"])
+    samples_new = sum(r["samples"] for r in new)
+    return {
+        "stage": "embed",
+        "input": input_spec,
+        "output": str(out),
+        "model": record["model"],
+        "vectors": record["vectors"],
+        "shards": len(record["shards"]),
+        "parts_done": len(done),
+        "parts_this_run": len(new),
+        "failed": failed,
+        "counts": {"samples": sum(r["samples"] for r in done.values()), "skipped": dict(sorted(skipped.items()))},
+        "this_run": {
+            "samples": samples_new,
+            "seconds": round(wall, 3),
+            "samples_per_s": round(samples_new / wall, 1) if wall > 0 else None,
+        },
+        "pool": plan.to_dict() if plan else None,
+        "parts": [done[i] for i in sorted(done)],
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rdistill.embed",
+        description="CLIP embeddings of WebDataset shards, in the clip-retrieval / LAION layout.",
+    )
+    p.add_argument("--input", required=True, help="shards: directory, glob, brace pattern or fsspec URL")
+    p.add_argument("--output", required=True, help="output directory (the embedding store)")
+    add_common_args(p)
+    return p
+
+
+def print_summary(summary: dict) -> None:
+    c, r = summary["counts"], summary["this_run"]
+    skipped = ", ".join(f"{k} {v}" for k, v in c["skipped"].items()) or "none"
+    print(f"embed: {c['samples']} samples in {summary['parts_done']} parts at {summary['output']}")
+    print(f"  model {summary['model']['name']}/{summary['model']['pretrained'] or 'random'}, "
+          f"dim {summary['model']['embed_dim']}; skipped: {skipped}")  # fmt: skip
+    if r["samples_per_s"]:
+        print(f"  this run: {r['samples']} samples in {r['seconds']:.1f} s ({r['samples_per_s']:.0f} samples/s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = cli_config(args)
+        summary = run_embed(args.input, args.output, cfg, overwrite=args.overwrite)
+    except (ConfigError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The thin layer between the stages and Ray: joining or starting a cluster, sizing actor pools, and the
+``map_batches`` arguments that changed across Ray releases (``compute=ActorPoolStrategy`` vs ``concurrency=``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from dataclasses import dataclass
+
+from rdistill.config import ConfigError, PoolConfig, RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(rc: RayConfig) -> None:
+    """Join the cluster at ``ray.address`` or ``RAY_ADDRESS`` (set under ``ray job submit``), else start a local
+    instance. Ray Data keeps input order (parts complete one after another, so the driver's buffers stay small).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        address = rc.address or os.environ.get("RAY_ADDRESS") or None
+        kwargs = {"address": address} if address else {"num_cpus": rc.num_cpus or None, "include_dashboard": False}
+        log.info("ray: %s", f"joining {address}" if address else "starting a local instance")
+        ray.init(logging_level=logging.WARNING, log_to_driver=True, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = rc.data_progress
+    ctx.execution_options.preserve_order = True
+    if hasattr(ctx, "print_on_execution_start"):
+        ctx.print_on_execution_start = rc.data_progress
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """A resolved actor pool: how many actors, on which device, reserving what."""
+
+    actors: int
+    device: str
+    num_gpus: float
+    num_cpus: float
+    precision: str
+    threads: int
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def plan_pool(pool: PoolConfig, section: str) -> PoolPlan:
+    """Resolve ``pool`` against the running cluster's resources; ``section`` names the config key in errors."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 1))
+    device = pool.device if pool.device != "auto" else ("cuda" if gpus >= 1 else "cpu")
+    if device == "cuda" and gpus == 0:
+        raise ConfigError(f"{section}.pool.device: cuda, but the Ray cluster has no GPUs")
+    num_gpus = pool.gpus_per_actor if device == "cuda" else 0.0
+    if device == "cuda" and num_gpus <= 0:
+        raise ConfigError(f"{section}.pool.gpus_per_actor: must be above 0 on cuda")
+    if pool.actors:
+        actors = pool.actors
+    elif device == "cuda":
+        actors = max(1, int(gpus // num_gpus))
+    else:  # leave half the CPUs to the tasks that feed the pool: a pool holding every CPU starves its readers
+        actors = max(1, int(cpus // 2 // max(pool.cpus_per_actor, 0.25)))
+    if device == "cpu" and actors * pool.cpus_per_actor >= cpus:
+        log.warning("%s: %d actors x %.2g CPUs leave no CPU for the readers of %g", section, actors,
+                    pool.cpus_per_actor, cpus)  # fmt: skip
+    threads = max(1, int(pool.cpus_per_actor)) if device == "cpu" else 0
+    return PoolPlan(actors, device, num_gpus, pool.cpus_per_actor, pool.precision, threads)
+
+
+def actor_pool_args(plan: PoolPlan) -> dict:
+    """``map_batches`` keyword arguments for a fixed-size pool of ``plan.actors`` actors on any Ray release."""
+    import ray
+
+    params = inspect.signature(ray.data.Dataset.map_batches).parameters
+    if hasattr(ray.data, "ActorPoolStrategy") and "compute" in params:
+        size = {"compute": ray.data.ActorPoolStrategy(size=plan.actors)}
+    else:
+        size = {"concurrency": plan.actors}
+    return {**size, "num_gpus": plan.num_gpus, "num_cpus": plan.num_cpus}
+
+
+def reader_task_args(num_cpus: float, plan: PoolPlan) -> dict:
+    """``map_batches`` arguments for the CPU tasks that feed the actor pool of ``plan``, kept as separate tasks.
+
+    Ray Data fuses a task stage into the next actor stage when their resource requests are equal, which makes
+    each model actor decode its own input and ties decode parallelism to the pool size. Its documented way out
+    (ray-project/ray#54433) is unequal requests: a reader request equal to the actors' is lowered by 0.1%.
+    """
+    if plan.num_gpus == 0 and num_cpus == plan.num_cpus and num_cpus > 0:
+        num_cpus *= 0.999
+    return {"num_cpus": num_cpus}
+
+
+def unwrap_error(e: BaseException) -> str:
+    """The innermost user-facing message of an exception raised through Ray tasks and actors."""
+    cause = e
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = str(cause).strip().splitlines()
+    return text[-1] if text else type(cause).__name__

@@ -1,0 +1,303 @@
+"""The synthesis stage: PDS prototypes -> the distilled set, one unCLIP-painted image per prototype.
+
+    python -m rdistill.synthesize --prototypes DIR --output DIR [--config FILE] [--set key=value ...]
+
+Ray Data streams the prototypes through a fixed-size pool of decoder actors (:class:`rdistill.synthesis.Painter`),
+a batch of prototypes per pipeline call. The driver writes WebDataset shards of ``synthesize.shard_size``
+prototypes, in id order, each atomically and followed by its done-marker:
+
+    DIR/shards/distilled-{k:05d}.tar   ID.png (or .jpg), ID.txt (caption), ID.npy (text prototype, float32),
+                                       ID.json (clusters, shared pairs, alignment, seed, model); ID = 8-digit id
+    DIR/manifest.parquet               one row per image: id, key, shard, caption, seed, cluster ids, ...
+    DIR/_done/shard_{k}.json           the shard's rows and timing; DIR/summary.json, config.yaml, _SUCCESS
+
+A rerun paints only the shards without a done-marker; the final set has exactly one image per prototype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rdistill.cli import add_common_args, cli_config
+from rdistill.config import Config, ConfigError, dump_config
+from rdistill.models.unclip import decoder_embed_dim
+from rdistill.runtime import RunError, atomic_path, atomic_write_json, atomic_write_text, fault_point, progress
+from rdistill.synthesis import Painter, PaintSettings, sample_json
+
+log = logging.getLogger(__name__)
+
+SUCCESS, DONE, RUN_FILE = "_SUCCESS", "_done", "synthesize.json"
+NEEDED = ("id", "image_embedding", "text_embedding", "caption")
+CARRIED = ("caption_key", "image_cluster", "text_cluster", "shared_pairs", "alignment", "pairless", "refilled")
+MANIFEST = ("id", "key", "shard", "caption", "seed") + CARRIED
+
+
+def _key(proto_id: int) -> str:
+    return f"{proto_id:08d}"
+
+
+def _shard_name(k: int) -> str:
+    return f"distilled-{k:05d}.tar"
+
+
+def read_prototypes(path: str | Path, cfg: Config) -> pa.Table:
+    """The prototypes table with the columns synthesis needs, validated; errors name the file and column."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "prototypes.parquet"
+    if not path.exists():
+        raise RunError(f"{path}: prototypes not found (run python -m rdistill.prototypes first)")
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise RunError(f"{path}: not a readable parquet file ({e})") from None
+    needed = NEEDED + (() if cfg.synthesize.image_norm > 0 else ("image_norm",))
+    missing = [c for c in needed if c not in schema.names]
+    if missing:
+        hint = " (or set synthesize.image_norm to a fixed norm)" if missing == ["image_norm"] else ""
+        raise RunError(f"{path}: missing column {missing[0]}{hint}")
+    table = pq.read_table(path, columns=[c for c in (*NEEDED, "image_norm", *CARRIED) if c in schema.names])
+    ids = table.column("id").to_numpy()
+    if not np.array_equal(np.sort(ids), np.arange(len(ids))):
+        raise RunError(f"{path}: column id must hold 0 .. {len(ids) - 1} once each")
+    if len(ids) == 0:
+        raise RunError(f"{path}: no prototypes")
+    if "image_norm" not in table.column_names:
+        table = table.append_column("image_norm", pa.array(np.zeros(len(ids), np.float32)))
+    return table.take(pa.array(np.argsort(ids, kind="stable")))
+
+
+def _dim(table: pa.Table) -> int:
+    return table.schema.field("image_embedding").type.list_size
+
+
+class _Assembler:
+    """Collects painted rows in id order and writes a shard once all its prototypes are there."""
+
+    def __init__(self, out: Path, shard_size: int, total: int, model: str, image_format: str, bar):
+        self.out, self.size, self.total, self.model, self.fmt, self.bar = (
+            out,
+            shard_size,
+            total,
+            model,
+            image_format,
+            bar,
+        )
+        self.rows: dict[int, list[dict]] = {}
+        self.done: list[dict] = []
+        self.images = 0
+
+    def add(self, batch: dict) -> None:
+        n = len(batch["id"])
+        for i in range(n):
+            row = {k: batch[k][i] for k in batch}
+            k = int(row["id"]) // self.size
+            self.rows.setdefault(k, []).append(row)
+            if len(self.rows[k]) == self._expected(k):
+                self._write(k, self.rows.pop(k))
+        self.images += n
+        self.bar.update(n)
+
+    def _expected(self, k: int) -> int:
+        return min(self.size, self.total - k * self.size)
+
+    def _write(self, k: int, rows: list[dict]) -> None:
+        rows.sort(key=lambda r: int(r["id"]))
+        ids = [int(r["id"]) for r in rows]
+        if ids != list(range(k * self.size, k * self.size + len(rows))):
+            raise RunError(f"shard {k}: painted ids arrived with gaps or duplicates")
+        path = self.out / "shards" / _shard_name(k)
+        _write_tar(path, rows, self.model, self.fmt)
+        manifest = [{"id": int(r["id"]), "key": _key(int(r["id"])), "shard": path.name, "caption": str(r["caption"]),
+                     "seed": int(r["seed"]), **{c: _plain(r[c]) for c in CARRIED if c in r}} for r in rows]  # fmt: skip
+        record = {"shard": path.name, "images": len(rows), "written": time.time(), "rows": manifest}
+        atomic_write_json(self.out / DONE / f"shard_{k}.json", record)
+        self.done.append(record)
+        fault_point("synthesize", len(self.done))
+
+
+def _plain(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _write_tar(path: Path, rows: list[dict], model: str, fmt: str) -> None:
+    import webdataset as wds
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False) as sink:
+            for r in rows:
+                buf = io.BytesIO()
+                np.save(buf, np.asarray(r["text_embedding"], dtype=np.float32))
+                sink.write({
+                    "__key__": _key(int(r["id"])),
+                    fmt: bytes(r["image"]),
+                    "txt": str(r["caption"]).encode(),
+                    "npy": buf.getvalue(),
+                    "json": sample_json(r, model),
+                })  # fmt: skip
+
+
+def _load_done(out: Path, shards: int) -> dict[int, dict]:
+    done = {}
+    for k in range(shards):
+        path = out / DONE / f"shard_{k}.json"
+        if path.exists() and (out / "shards" / _shard_name(k)).exists():
+            done[k] = json.loads(path.read_text())
+    return done
+
+
+def _clear(out: Path) -> None:
+    for name in ("shards", DONE):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in (SUCCESS, "summary.json", RUN_FILE, "config.yaml", "manifest.parquet"):
+        (out / name).unlink(missing_ok=True)
+
+
+def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, overwrite: bool = False) -> dict:
+    """Paint one image per prototype in ``prototypes`` (a prototypes dir or parquet) into ``output``."""
+    import ray
+
+    from rdistill.raytools import actor_pool_args, init_ray, plan_pool, unwrap_error
+
+    sc, out = cfg.synthesize, Path(output)
+    table = read_prototypes(prototypes, cfg)
+    total, dim = table.num_rows, _dim(table)
+    want = decoder_embed_dim(sc.model)
+    if want is not None and want != dim:
+        raise RunError(f"prototypes in {prototypes} are {dim}-d but decoder {sc.model} takes {want}-d image "
+                       "embeddings: embed with the CLIP the decoder was trained on (paper: ViT-L/14, 768-d)")  # fmt: skip
+    record = {"prototypes": str(prototypes), "count": total, "dim": dim, "config": dump_config(cfg, "synthesize")}
+    run_file = out / RUN_FILE
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())
+        if previous != record and not overwrite:
+            raise RunError(f"{out} holds images of other prototypes or settings: pass --overwrite or choose "
+                           "another --output")  # fmt: skip
+        if previous != record:
+            _clear(out)
+    elif overwrite:
+        _clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_file, record)
+    atomic_write_text(out / "config.yaml", record["config"])
+    shards = math.ceil(total / sc.shard_size)
+    done = _load_done(out, shards)
+    pending = [k for k in range(shards) if k not in done]
+    norms = table.column("image_norm").to_numpy()
+    if sc.image_norm == 0 and np.allclose(norms, 1.0, atol=0.05):
+        log.warning("the prototypes' recorded image norms are all about 1: the store held normalised vectors. "
+                    "The decoder expects raw CLIP norms; set synthesize.image_norm")  # fmt: skip
+    log.info("synthesize: %d prototypes in %d shards, %d done, %d to paint with %s", total, shards, len(done),
+             len(pending), sc.model)  # fmt: skip
+    new, wall, plan = [], 0.0, None
+    if pending:
+        init_ray(cfg.ray)
+        try:
+            plan = plan_pool(sc.pool, "synthesize")
+        except ConfigError as e:
+            raise RunError(str(e)) from None
+        shard_of = table.column("id").to_numpy() // sc.shard_size
+        todo = table.filter(pa.array(np.isin(shard_of, pending)))
+        n_todo = todo.num_rows
+        step = max(sc.batch_size, 1)
+        ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, n_todo, step)])
+        ds = ds.map_batches(
+            Painter,
+            fn_constructor_kwargs={
+                "model": sc.model,
+                "settings": PaintSettings.from_config(sc),
+                "seed": cfg.seed,
+                "device": plan.device,
+                "precision": plan.precision,
+                "threads": plan.threads,
+                "expect_dim": dim,
+            },  # fmt: skip
+            batch_size=sc.batch_size,
+            **actor_pool_args(plan),
+        )
+        t0 = time.perf_counter()
+        with progress(n_todo, "synthesize", cfg.progress, unit="images") as bar:
+            asm = _Assembler(out, sc.shard_size, total, sc.model, sc.image_format, bar)
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    asm.add(batch)
+            except RunError:
+                raise
+            except Exception as e:
+                raise RunError(f"synthesis stage failed: {unwrap_error(e)}") from e
+        wall = time.perf_counter() - t0
+        new = asm.done
+        if asm.rows:
+            raise RunError(f"shards {sorted(asm.rows)} did not receive all their images")
+    done.update({int(r["shard"].split("-")[1].split(".")[0]): r for r in new})
+    manifest = [row for k in sorted(done) for row in done[k]["rows"]]
+    if [r["id"] for r in manifest] != list(range(total)):
+        raise RunError(f"{out}: the shards do not hold exactly one image per prototype; rerun with --overwrite")
+    with atomic_path(out / "manifest.parquet") as tmp:
+        pq.write_table(pa.Table.from_pylist(manifest), tmp)
+    images_new = sum(r["images"] for r in new)
+    summary = {
+        "stage": "synthesize",
+        "prototypes": str(prototypes),
+        "output": str(out),
+        "model": sc.model,
+        "settings": PaintSettings.from_config(sc).__dict__,
+        "images": total,
+        "shards": shards,
+        "this_run": {
+            "images": images_new,
+            "shards": len(new),
+            "seconds": round(wall, 3),
+            "images_per_s": round(images_new / wall, 3) if wall > 0 else None,
+        },
+        "pool": plan.to_dict() if plan else None,
+    }
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / SUCCESS, "")
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    r = summary["this_run"]
+    print(f"synthesize: {summary['images']} images in {summary['shards']} shards at {summary['output']}")
+    if r["images_per_s"]:
+        print(f"  this run: {r['images']} images in {r['seconds']:.1f} s ({r['images_per_s']:.2f} images/s) "
+              f"with {summary['model']}")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rdistill.synthesize",
+                                description="Paint one image per PDS prototype with an unCLIP decoder.")  # fmt: skip
+    p.add_argument("--prototypes", required=True, help="prototypes directory (or its prototypes.parquet)")
+    p.add_argument("--output", required=True, help="output directory of the distilled set")
+    add_common_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = cli_config(args)
+        summary = run_synthesize(args.prototypes, args.output, cfg, overwrite=args.overwrite)
+    except (ConfigError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
