@@ -1,22 +1,31 @@
 # Two entry points that work on a fresh machine from a clean clone:
-#   make demo   set up .venv, then run the prototype engine on the built-in offline demo
+#   make demo   set up .venv, then run the full job (python -m rdistill.pds) on the built-in offline demo
 #   make test   set up .venv, then run the test suite (what CI runs)
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# torch first, from the builds this machine's pip finds (x86_64: 2.14.1 with its torchvision; aarch64: 2.9.1);
+# override with `make TORCH="torch==X torchvision==Y"`. The package itself never pins torch.
+ARCH := $(shell uname -m)
+ifeq ($(ARCH),aarch64)
+TORCH ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+endif
 
 .PHONY: setup demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -c 'import torch, torchvision' 2>/dev/null || $(VENV)/bin/python -m pip install --quiet $(TORCH)
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m rdistill.demo
+	$(VENV)/bin/python -m rdistill.pds --config configs/demo.yaml --output demo-output
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

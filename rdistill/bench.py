@@ -1,6 +1,7 @@
 """Benchmarks that print ratios against a baseline measured in the same run.
 
     python -m rdistill.bench prototypes [--rows 100000] [--dim 768] [--num-pairs 100] [--skip-recipe] [--floor]
+    python -m rdistill.bench embed | synthesize ...   (see :mod:`rdistill.bench_stages`)
 
 ``prototypes`` writes a planted store (:mod:`rdistill.planted`) to a scratch directory, then runs, each in a fresh
 process so that peak RSS is its own:
@@ -257,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--scratch", help="scratch dir (kept; the store is reused when present)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for ours")
     b.add_argument("--json", help="write the results as JSON here")
+    from rdistill.bench_stages import add_parsers, bench_embed, bench_synthesize
+
+    add_parsers(sub)
     args = p.parse_args(argv)
-    bench_prototypes(args)
+    {"prototypes": bench_prototypes, "embed": bench_embed, "synthesize": bench_synthesize}[args.what](args)
     return 0
 
 

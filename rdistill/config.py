@@ -146,6 +146,18 @@ class SynthesizeConfig:
 
 
 @dataclass(frozen=True)
+class JobConfig:
+    """What ``python -m rdistill.pds`` reads; ``--input`` and ``--embeddings`` on its command line win."""
+
+    input: str = _f("", doc="WebDataset shards to embed (directory, glob, brace pattern, URL)")
+    embeddings: str = _f("", doc="an existing embedding store (clip-retrieval / LAION layout): skips embed")
+    toy_shards: int = _f(0, lo=0, doc="with no input: generate this many toy shards of real images (the demo)")
+    toy_per_shard: int = _f(200, lo=1, doc="samples per generated toy shard")
+    synthesize: bool = _f(True, doc="run the synthesis stage (false: stop after the prototypes)")
+    report_images: int = _f(48, lo=0, doc="images on the report's contact sheet")
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = _f(0, lo=0, doc="seed of every random choice (sampling, seeding)")
     progress: bool = _f(True, doc="progress bars on stderr", runtime=True)
@@ -158,6 +170,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    job: JobConfig = field(default_factory=JobConfig)
 
 
 # The sections each stage's result depends on: a finished stage is redone only when one of these changed.

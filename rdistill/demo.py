@@ -1,7 +1,7 @@
 """The built-in offline demo: writes a small planted embedding store, runs the prototype engine on it with
-``configs/demo.yaml``, and prints how many planted concepts came back as correctly paired prototypes.
+``configs/planted.yaml``, and prints how many planted concepts came back as correctly paired prototypes.
 
-    python -m rdistill.demo [--output demo-output] [--config configs/demo.yaml]
+    python -m rdistill.demo [--output demo-output] [--config configs/planted.yaml]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def make_demo_store(root: str | Path, seed: int = 0) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rdistill.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default="demo-output", help="where the demo store and the prototypes go")
-    p.add_argument("--config", default="configs/demo.yaml", help="config file (defaults if it does not exist)")
+    p.add_argument("--config", default="configs/planted.yaml", help="config file (defaults if it does not exist)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

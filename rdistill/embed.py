@@ -132,6 +132,7 @@ class _Assembler:
             "read_seconds": round(info["read_seconds"], 3),
             "seconds": round(seconds, 3),
             "samples_per_s": round(expected / seconds, 1),
+            "finished": time.time(),
         }
         atomic_write_json(paths["done"], record)
         self.done.append(record)
@@ -207,10 +208,14 @@ def run_embed(input_spec: str, output: str | Path, cfg: Config, *, overwrite: bo
     elif overwrite:
         _clear(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_file, record)
-    atomic_write_text(out / "config.yaml", record["config"])
     done = _load_done(out, len(shards))
     pending = [i for i in range(len(shards)) if i not in done]
+    if not pending and (out / SUCCESS).exists() and run_file.exists():
+        log.info("embed: %s is complete: nothing to do", out)
+        summary = json.loads((out / "summary.json").read_text())
+        return {**summary, "parts_this_run": 0, "this_run": {"samples": 0, "seconds": 0.0, "samples_per_s": None}}
+    atomic_write_json(run_file, record)
+    atomic_write_text(out / "config.yaml", record["config"])
     log.info("embed: %d shards, %d done, %d to embed with %s/%s (dim %d)", len(shards), len(done), len(pending),
              spec.model, spec.pretrained or "random", spec.embed_dim)  # fmt: skip
     plan, new, failed, wall = None, [], [], 0.0
@@ -223,8 +228,10 @@ def run_embed(input_spec: str, output: str | Path, cfg: Config, *, overwrite: bo
         fmt = SampleFormat.from_config(cfg.embed)
         items = [{"part": i, "url": shards[i]} for i in pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(read_shards, batch_size=1, **reader_task_args(cfg.embed.decode_cpus, plan), fn_kwargs={
-            "spec": spec, "fmt": fmt, "retries": cfg.embed.shard_retries, "block": cfg.embed.decode_batch})  # fmt: skip
+        reader = {"spec": spec, "fmt": fmt, "retries": cfg.embed.shard_retries, "block": cfg.embed.decode_batch}
+        ds = ds.map_batches(
+            read_shards, batch_size=1, fn_kwargs=reader, **reader_task_args(cfg.embed.decode_cpus, plan)
+        )
         ds = ds.map_batches(
             ClipEmbedder,
             fn_constructor_kwargs={

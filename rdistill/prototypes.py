@@ -387,7 +387,7 @@ def run_prototypes(embeddings: str, output: str | Path, cfg: Config, *, overwrit
         summary = json.loads((out / "summary.json").read_text())
         if previous == resolved and summary.get("input", {}).get("url") == str(embeddings):
             log.info("%s already holds a finished run with this config and input: nothing to do", out)
-            return summary
+            return {**summary, "resumed": True}
         raise RunError(
             f"{out} holds a finished run with another config or input: pass --overwrite or choose another --output"
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -65,10 +66,13 @@ def plan_pool(pool: PoolConfig, section: str) -> PoolPlan:
         actors = max(1, int(gpus // num_gpus))
     else:  # leave half the CPUs to the tasks that feed the pool: a pool holding every CPU starves its readers
         actors = max(1, int(cpus // 2 // max(pool.cpus_per_actor, 0.25)))
-    if device == "cpu" and actors * pool.cpus_per_actor >= cpus:
-        log.warning("%s: %d actors x %.2g CPUs leave no CPU for the readers of %g", section, actors,
-                    pool.cpus_per_actor, cpus)  # fmt: skip
-    threads = max(1, int(pool.cpus_per_actor)) if device == "cpu" else 0
+    if device == "cpu" and actors * pool.cpus_per_actor > cpus - 0.25:
+        # Ray Data then has no CPU left for its own tasks and waits forever (seen with Ray 2.60)
+        raise ConfigError(
+            f"{section}.pool: {actors} actors x {pool.cpus_per_actor:g} CPUs take all {cpus:g} CPUs of the cluster; "
+            f"lower {section}.pool.actors or {section}.pool.cpus_per_actor"
+        )
+    threads = max(1, math.ceil(pool.cpus_per_actor)) if device == "cpu" else 0
     return PoolPlan(actors, device, num_gpus, pool.cpus_per_actor, pool.precision, threads)
 
 

@@ -66,6 +66,15 @@ def encode_image(img, fmt: str, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
+def check_dim(proto_dim: int, model: str, decoder_dim: int) -> None:
+    """Prototypes must live in the decoder's conditioning space (paper: ViT-L/14 for unclip-small, 768-d)."""
+    if proto_dim != decoder_dim:
+        raise DecoderError(
+            f"prototypes are {proto_dim}-d but decoder {model} takes {decoder_dim}-d image embeddings: "
+            "embed with the CLIP the decoder was trained on (paper: ViT-L/14, 768-d, for unclip-small)"
+        )
+
+
 class Painter:
     """Prototype rows (``id``, ``image_embedding``, ``image_norm``, ``caption``) -> encoded images and seeds."""
 
@@ -79,9 +88,7 @@ class Painter:
             raise RuntimeError("synthesize.pool.device is cuda but torch on this worker sees no GPU")
         self.pipe = load_unclip(model, device, precision)
         self.dim = pipeline_embed_dim(self.pipe)
-        if expect_dim is not None and expect_dim != self.dim:
-            raise DecoderError(f"prototypes are {expect_dim}-d but decoder {model} takes {self.dim}-d image "
-                               "embeddings: embed with the CLIP the decoder was trained on")  # fmt: skip
+        check_dim(expect_dim or self.dim, model, self.dim)
         self.model, self.settings, self.seed, self.device = model, settings, seed, device
 
     def paint(self, ids: np.ndarray, image_embedding: np.ndarray, image_norm: np.ndarray, captions: list[str]):
@@ -111,14 +118,9 @@ class Painter:
         return images, seeds
 
     def __call__(self, batch: dict) -> dict:
-        emb = (
-            np.stack(batch["image_embedding"])
-            if batch["image_embedding"].dtype == object
-            else batch["image_embedding"]
-        )
-        if emb.shape[1] != self.dim:
-            raise DecoderError(f"prototypes are {emb.shape[1]}-d but decoder {self.model} takes {self.dim}-d image "
-                               "embeddings: embed with the CLIP the decoder was trained on")  # fmt: skip
+        emb = batch["image_embedding"]
+        emb = np.stack(emb) if emb.dtype == object else emb
+        check_dim(emb.shape[1], self.model, self.dim)
         captions = [str(c) for c in batch["caption"]]
         images, seeds = self.paint(batch["id"], emb, batch["image_norm"], captions)
         fmt = self.settings.image_format

@@ -32,9 +32,9 @@ import pyarrow.parquet as pq
 
 from rdistill.cli import add_common_args, cli_config
 from rdistill.config import Config, ConfigError, dump_config
-from rdistill.models.unclip import decoder_embed_dim
+from rdistill.models.unclip import DecoderError, decoder_embed_dim
 from rdistill.runtime import RunError, atomic_path, atomic_write_json, atomic_write_text, fault_point, progress
-from rdistill.synthesis import Painter, PaintSettings, sample_json
+from rdistill.synthesis import Painter, PaintSettings, check_dim, sample_json
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,9 @@ class _Assembler:
             raise RunError(f"shard {k}: painted ids arrived with gaps or duplicates")
         path = self.out / "shards" / _shard_name(k)
         _write_tar(path, rows, self.model, self.fmt)
-        manifest = [{"id": int(r["id"]), "key": _key(int(r["id"])), "shard": path.name, "caption": str(r["caption"]),
-                     "seed": int(r["seed"]), **{c: _plain(r[c]) for c in CARRIED if c in r}} for r in rows]  # fmt: skip
+        manifest = [{"id": int(r["id"]), "key": _key(int(r["id"])), "shard": path.name,
+                     "caption": str(r["caption"]), "seed": int(r["seed"]),
+                     **{c: _plain(r[c]) for c in CARRIED if c in r}} for r in rows]  # fmt: skip
         record = {"shard": path.name, "images": len(rows), "written": time.time(), "rows": manifest}
         atomic_write_json(self.out / DONE / f"shard_{k}.json", record)
         self.done.append(record)
@@ -176,9 +177,11 @@ def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, o
     table = read_prototypes(prototypes, cfg)
     total, dim = table.num_rows, _dim(table)
     want = decoder_embed_dim(sc.model)
-    if want is not None and want != dim:
-        raise RunError(f"prototypes in {prototypes} are {dim}-d but decoder {sc.model} takes {want}-d image "
-                       "embeddings: embed with the CLIP the decoder was trained on (paper: ViT-L/14, 768-d)")  # fmt: skip
+    if want is not None:
+        try:
+            check_dim(dim, sc.model, want)
+        except DecoderError as e:
+            raise RunError(f"{prototypes}: {e}") from None
     record = {"prototypes": str(prototypes), "count": total, "dim": dim, "config": dump_config(cfg, "synthesize")}
     run_file = out / RUN_FILE
     if run_file.exists():
@@ -191,11 +194,15 @@ def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, o
     elif overwrite:
         _clear(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_file, record)
-    atomic_write_text(out / "config.yaml", record["config"])
     shards = math.ceil(total / sc.shard_size)
     done = _load_done(out, shards)
     pending = [k for k in range(shards) if k not in done]
+    if not pending and (out / SUCCESS).exists() and run_file.exists():
+        log.info("synthesize: %s is complete: nothing to do", out)
+        summary = json.loads((out / "summary.json").read_text())
+        return {**summary, "this_run": {"images": 0, "shards": 0, "seconds": 0.0, "images_per_s": None}}
+    atomic_write_json(run_file, record)
+    atomic_write_text(out / "config.yaml", record["config"])
     norms = table.column("image_norm").to_numpy()
     if sc.image_norm == 0 and np.allclose(norms, 1.0, atol=0.05):
         log.warning("the prototypes' recorded image norms are all about 1: the store held normalised vectors. "

@@ -1,0 +1,138 @@
+"""The full PDS job: embed, then prototypes, then synthesize, then the report.
+
+    python -m rdistill.pds --config FILE [--input SHARDS | --embeddings DIR] --output DIR [--num-pairs M]
+                           [--set key=value ...] [--overwrite] [--quiet]
+
+    OUT/embeddings/   the embedding store (only with --input; --embeddings points at an existing one)
+    OUT/prototypes/   prototypes.parquet and the engine's summary
+    OUT/distilled/    WebDataset shards of the distilled pairs and manifest.parquet
+    OUT/summary.json  every stage's summary; OUT/report.html: plots and a contact sheet
+
+Every stage keeps its own done-markers, so a resubmitted job skips the stages (and the parts of a stage) that
+are complete and continues where the last one stopped. With no Ray address it starts a local Ray instance; with
+``ray.address``, ``RAY_ADDRESS`` or under ``ray job submit`` it joins that cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from rdistill.cli import add_common_args, cli_config
+from rdistill.config import Config, ConfigError
+from rdistill.runtime import RunError, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def _stage(name: str, fn, what) -> tuple[dict, dict]:
+    t0 = time.perf_counter()
+    summary = fn()
+    seconds = time.perf_counter() - t0
+    info = {"status": what(summary)[0], "what": what(summary)[1], "seconds": round(seconds, 3)}
+    log.info("%s: %s (%s), %.1f s", name, info["status"], info["what"], seconds)
+    return summary, info
+
+
+def run_pds(cfg: Config, output: str | Path, *, input_spec: str = "", embeddings: str = "",
+            overwrite: bool = False) -> dict:  # fmt: skip
+    """Run the job into ``output``; returns the job summary (also written to ``output/summary.json``)."""
+    from rdistill.embed import run_embed
+    from rdistill.prototypes import run_prototypes
+    from rdistill.report import write_report
+    from rdistill.synthesize import run_synthesize
+
+    out = Path(output)
+    input_spec = input_spec or cfg.job.input
+    embeddings = embeddings or cfg.job.embeddings
+    if input_spec and embeddings:
+        raise RunError("give --input (shards to embed) or --embeddings (an existing store), not both")
+    if not input_spec and not embeddings:
+        if not cfg.job.toy_shards:
+            raise RunError("nothing to distil: give --input SHARDS or --embeddings DIR (or job.toy_shards)")
+        input_spec = str(_toy_input(out, cfg))
+    out.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, dict] = {}
+    summary: dict = {"output": str(out), "stages": stages}
+    if input_spec:
+        emb, stages["embed"] = _stage("embed", lambda: run_embed(input_spec, out / "embeddings", cfg,
+                                                                 overwrite=overwrite), _embed_what)  # fmt: skip
+        summary["embed"] = emb
+        embeddings = str(out / "embeddings")
+    protos, stages["prototypes"] = _stage(
+        "prototypes",
+        lambda: run_prototypes(embeddings, out / "prototypes", cfg, overwrite=overwrite),
+        lambda s: ("skipped (done)" if s.get("resumed") else "ran", f"{s['prototypes']['count']} prototypes"),
+    )
+    summary["prototypes"] = protos
+    distilled = None
+    if cfg.job.synthesize:
+        syn, stages["synthesize"] = _stage(
+            "synthesize",
+            lambda: run_synthesize(out / "prototypes", out / "distilled", cfg, overwrite=overwrite),
+            lambda s: ("skipped (done)" if not s["this_run"]["images"] else "ran",
+                       f"{s['images']} images, {s['this_run']['images']} this run"
+                       + (f" at {s['this_run']['images_per_s']:.2f} images/s" if s["this_run"]["images_per_s"]
+                          else "")),
+        )  # fmt: skip
+        summary["synthesize"] = syn
+        distilled = out / "distilled"
+    report = write_report(out, summary, out / "prototypes", distilled, cfg.job.report_images)
+    summary["report"] = str(report)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _embed_what(s: dict) -> tuple[str, str]:
+    skipped = sum(s["counts"]["skipped"].values())
+    status = "ran" if s["parts_this_run"] else "skipped (done)"
+    rate = f" at {s['this_run']['samples_per_s']:.0f} samples/s" if s["this_run"]["samples_per_s"] else ""
+    return status, f"{s['counts']['samples']} samples, {skipped} skipped{rate}"
+
+
+def _toy_input(out: Path, cfg: Config) -> Path:
+    """The demo's shards of real images, generated once into ``out/toy-shards`` (deterministic in the seed)."""
+    from rdistill.runtime import atomic_write_text
+    from rdistill.toydata import write_toy_shards
+
+    root = out / "toy-shards"
+    if not (root / "_SUCCESS").exists():
+        log.info("writing %d toy shards of %d samples to %s", cfg.job.toy_shards, cfg.job.toy_per_shard, root)
+        write_toy_shards(root, cfg.job.toy_shards, cfg.job.toy_per_shard, seed=cfg.seed)
+        atomic_write_text(root / "_SUCCESS", "")
+    return root
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rdistill.pds", description="PDS dataset distillation, end to end.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--input", default="", help="WebDataset shards: directory, glob, brace pattern or URL")
+    src.add_argument("--embeddings", default="", help="an existing embedding store (skips the embed stage)")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--num-pairs", type=int, help="M, the number of distilled pairs (cluster.num_pairs)")
+    add_common_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.num_pairs is not None:
+        args.overrides.append(f"cluster.num_pairs={args.num_pairs}")
+    try:
+        cfg = cli_config(args)
+        summary = run_pds(cfg, args.output, input_spec=args.input, embeddings=args.embeddings,
+                          overwrite=args.overwrite)  # fmt: skip
+    except (ConfigError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, s in summary["stages"].items():
+        print(f"{name:11} {s['status']:15} {s['what']} ({s['seconds']:.1f} s)")
+    print(f"report: {summary['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

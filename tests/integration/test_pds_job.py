@@ -1,0 +1,122 @@
+"""The full job under `ray job submit` against a `ray start --head` cluster on loopback, as a user runs it."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["job.toy_shards=4", "job.toy_per_shard=40", "cluster.num_pairs=12", "synthesize.shard_size=4",
+         "synthesize.batch_size=4"]  # fmt: skip
+
+pytestmark = pytest.mark.slow
+
+
+def _ray_bin():
+    path = Path(sys.executable).with_name("ray")
+    if not path.exists():
+        pytest.skip("the ray CLI is not installed (ray[default])")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A Ray head on loopback with its job server, in its own process group: stopping it with `ray stop` would
+    also stop the test session's own Ray instance (and this process with it)."""
+    ray = _ray_bin()
+    temp = tmp_path_factory.mktemp("ray")
+    # the job's `python` must be this environment's, as after `source .venv/bin/activate` (jobs/README.md)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    port = 8265 + (os.getpid() % 500)
+    proc = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=0",
+                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={port}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    address = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while subprocess.run([ray, "job", "list", "--address", address], env=env, capture_output=True).returncode:
+        if time.time() > deadline or proc.poll() is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("ray start --head did not come up")
+        time.sleep(2)
+    yield {"address": address, "env": env, "ray": ray}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _submit(head, out, *extra, env_vars=None):
+    cmd = [head["ray"], "job", "submit", "--address", head["address"], "--working-dir", str(ROOT),
+           "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "demo-output", "*.tar"],
+                                             "env_vars": env_vars or {}}),
+           "--", "python", "-m", "rdistill.pds", "--config", "configs/demo.yaml", "--output", str(out), "--quiet",
+           *sum((["--set", s] for s in SMALL + list(extra)), [])]  # fmt: skip
+    deadline = time.time() + 90
+    while True:  # the job server answers before its agent on the node is up: Ray says to try again
+        r = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in r.stdout + r.stderr or time.time() > deadline:
+            return r
+        time.sleep(3)
+
+
+def _images(out):
+    from PIL import Image
+
+    images = {}
+    for tar_path in sorted((Path(out) / "distilled" / "shards").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                if m.name.endswith(".png"):
+                    images[m.name] = np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read()))).astype(int)
+    return images
+
+
+def test_demo_job_under_ray_job_submit_then_kill_mid_synthesis_and_resubmit(head, tmp_path):
+    full = tmp_path / "full"
+    r = _submit(head, full)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["embed"]["counts"]["samples"] == 160
+    m = summary["prototypes"]["prototypes"]["count"]
+    assert m == 12 and summary["synthesize"]["images"] == m
+    members = {}
+    for tar_path in sorted((full / "distilled" / "shards").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for name in tar.getnames():
+                members.setdefault(name.rsplit(".", 1)[1], []).append(name)
+    assert {k: len(v) for k, v in members.items()} == {"png": m, "txt": m, "npy": m, "json": m}
+    report = (full / "report.html").read_text()
+    assert report.count("<svg") == 2 and report.count("<figure>") == m and "Prototype alignment" in report
+
+    # a second job dies (SIGKILL of its driver) after the first synthesized shard; a third resumes it
+    cut = tmp_path / "cut"
+    shutil.copytree(full / "toy-shards", cut / "toy-shards")
+    r = _submit(head, cut, env_vars={"RDISTILL_FAULT_KILL_AFTER": "synthesize:1"})
+    assert r.returncode != 0
+    assert len(list((cut / "distilled" / "shards").glob("*.tar"))) == 1
+    stamps = {p: p.stat().st_mtime_ns for p in [cut / "embeddings" / "_SUCCESS", cut / "prototypes" / "_SUCCESS",
+                                                 cut / "distilled" / "shards" / "distilled-00000.tar"]}  # fmt: skip
+    time.sleep(0.01)
+    r = _submit(head, cut)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["stages"]["embed"]["status"] == "skipped (done)"
+    assert summary["stages"]["prototypes"]["status"] == "skipped (done)"
+    assert summary["synthesize"]["this_run"]["images"] == m - 4
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished stages and shards untouched
+    a, b = _images(full), _images(cut)
+    assert a.keys() == b.keys() and max(int(np.abs(a[k] - b[k]).max()) for k in a) <= 1
