@@ -13,7 +13,8 @@ weights are random (seeded): the work is the same as with trained ones.
 (:class:`rdistill.synthesis.Painter`, no Ray); (c) the stage, :func:`rdistill.synthesize.run_synthesize`.
 
 Each prints seconds, throughput and the ratio to the loop. Stage times include starting Ray's workers and loading
-the model in each actor (seconds, paid once per run); ``steady`` excludes the first part/shard.
+the model in each actor (seconds, paid once per run); ``steady`` counts from the first batch's arrival at the
+driver on, so it excludes that start-up.
 """
 
 from __future__ import annotations
@@ -24,14 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def _steady(records: list[dict], unit: str) -> float | None:
-    """Throughput after the first finished unit: units of all but the first / time between first and last finish."""
-    recs = sorted(records, key=lambda r: r["finished"])
-    if len(recs) < 2 or recs[-1]["finished"] <= recs[0]["finished"]:
-        return None
-    return sum(r[unit] for r in recs[1:]) / (recs[-1]["finished"] - recs[0]["finished"])
 
 
 def _ray_fresh(num_cpus: int | None):
@@ -86,7 +79,7 @@ def bench_embed(args) -> dict:
         r = s["this_run"]
         results[f"stage x{actors}"] = {"samples": r["samples"], "seconds": r["seconds"],
                                        "samples_per_s": r["samples_per_s"],
-                                       "steady_per_s": _steady(s["parts"], "samples")}  # fmt: skip
+                                       "steady_per_s": r["steady_samples_per_s"]}  # fmt: skip
         assert r["samples"] == total
     import ray
 
@@ -154,13 +147,9 @@ def bench_synthesize(args) -> dict:
 
     _ray_fresh(args.cpus)
     s = run_synthesize(protos, scratch / "out", cfg, overwrite=True)
-    import json
-
-    shards = [json.loads(p.read_text()) for p in (scratch / "out" / "_done").glob("*.json")]
     r = s["this_run"]
     results["stage"] = {"images": r["images"], "seconds": r["seconds"], "images_per_s": r["images_per_s"],
-                        "steady_per_s": _steady([{"finished": x["written"], "images": x["images"]} for x in shards],
-                                                "images")}  # fmt: skip
+                        "steady_per_s": r["steady_images_per_s"]}  # fmt: skip
     import ray
 
     ray.shutdown()

@@ -36,7 +36,15 @@ from rdistill.cli import add_common_args, cli_config
 from rdistill.config import Config, ConfigError, dump_config
 from rdistill.embedding import ClipEmbedder, read_shards
 from rdistill.models.clip import ClipSpec, ModelError, resolve_clip
-from rdistill.runtime import RunError, atomic_path, atomic_write_json, atomic_write_text, fault_point, progress
+from rdistill.runtime import (
+    RateMeter,
+    RunError,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    fault_point,
+    progress,
+)
 from rdistill.shards import SampleFormat, ShardSpecError, resolve_shards
 
 log = logging.getLogger(__name__)
@@ -75,11 +83,13 @@ class _Assembler:
         self.out, self.shards, self.dim, self.bar = out, shards, dim, bar
         self.open: dict[int, _Part] = {}
         self.done: list[dict] = []
+        self.rate = RateMeter()
         self.failed: list[str] = []
         self.samples = 0
 
     def add(self, batch: dict) -> None:
         end = np.asarray(batch["end"], dtype=bool)
+        self.rate.tick(int((~end).sum()))
         parts = np.asarray(batch["part"])
         for p in np.unique(parts).tolist():
             m = parts == p
@@ -218,7 +228,7 @@ def run_embed(input_spec: str, output: str | Path, cfg: Config, *, overwrite: bo
     atomic_write_text(out / "config.yaml", record["config"])
     log.info("embed: %d shards, %d done, %d to embed with %s/%s (dim %d)", len(shards), len(done), len(pending),
              spec.model, spec.pretrained or "random", spec.embed_dim)  # fmt: skip
-    plan, new, failed, wall = None, [], [], 0.0
+    plan, new, failed, wall, steady = None, [], [], 0.0, None
     if pending:
         init_ray(cfg.ray)
         try:
@@ -254,11 +264,12 @@ def run_embed(input_spec: str, output: str | Path, cfg: Config, *, overwrite: bo
             except Exception as e:
                 raise RunError(f"embedding stage failed: {unwrap_error(e)}") from e
         wall = time.perf_counter() - t0
-        new, failed = asm.done, asm.failed
+        new, failed, steady = asm.done, asm.failed, asm.rate.steady()
         if asm.open:
             raise RunError(f"parts {sorted(asm.open)} never received their end row")
     done.update({r["part"]: r for r in new})
     summary = _summary(input_spec, out, record, done, new, failed, wall, plan)
+    summary["this_run"]["steady_samples_per_s"] = steady
     atomic_write_json(out / "summary.json", summary)
     if failed:
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""

@@ -124,6 +124,27 @@ def progress(total: int, desc: str, enabled: bool, unit: str = "rows"):
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled, file=sys.stderr, leave=False)
 
 
+class RateMeter:
+    """Throughput of a stream of batches at the driver, overall and *steady* (from the first batch's arrival on,
+    so without the start-up of workers and models)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.first: tuple[float, int] | None = None
+        self.last, self.count = self.t0, 0
+
+    def tick(self, n: int) -> None:
+        self.last = time.perf_counter()
+        self.count += n
+        if self.first is None:
+            self.first = (self.last, self.count)
+
+    def steady(self) -> float | None:
+        if self.first is None or self.last <= self.first[0]:
+            return None
+        return round((self.count - self.first[1]) / (self.last - self.first[0]), 3)
+
+
 FAULT_ENV = "RDISTILL_FAULT_KILL_AFTER"
 
 

@@ -57,6 +57,17 @@ def condition(image_embedding: np.ndarray, image_norm: np.ndarray, fixed_norm: f
     return unit * norm[:, None]
 
 
+def fill_norms(image_norm: np.ndarray) -> tuple[np.ndarray, int]:
+    """Recorded norms with the missing ones filled: a pairless prototype kept as a cluster centre has no shared
+    pairs, hence no recorded norm (NaN); it gets the median of the others. Returns (norms, how many filled)."""
+    norms = np.asarray(image_norm, dtype=np.float32).copy()
+    bad = ~np.isfinite(norms) | (norms <= 0)
+    if bad.all():
+        raise DecoderError("no prototype has a recorded image norm: set synthesize.image_norm")
+    norms[bad] = np.median(norms[~bad])
+    return norms, int(bad.sum())
+
+
 def encode_image(img, fmt: str, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     if fmt == "png":

@@ -33,8 +33,16 @@ import pyarrow.parquet as pq
 from rdistill.cli import add_common_args, cli_config
 from rdistill.config import Config, ConfigError, dump_config
 from rdistill.models.unclip import DecoderError, decoder_embed_dim
-from rdistill.runtime import RunError, atomic_path, atomic_write_json, atomic_write_text, fault_point, progress
-from rdistill.synthesis import Painter, PaintSettings, check_dim, sample_json
+from rdistill.runtime import (
+    RateMeter,
+    RunError,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    fault_point,
+    progress,
+)
+from rdistill.synthesis import Painter, PaintSettings, check_dim, fill_norms, sample_json
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +105,7 @@ class _Assembler:
         )
         self.rows: dict[int, list[dict]] = {}
         self.done: list[dict] = []
+        self.rate = RateMeter()
         self.images = 0
 
     def add(self, batch: dict) -> None:
@@ -108,6 +117,7 @@ class _Assembler:
             if len(self.rows[k]) == self._expected(k):
                 self._write(k, self.rows.pop(k))
         self.images += n
+        self.rate.tick(n)
         self.bar.update(n)
 
     def _expected(self, k: int) -> int:
@@ -203,13 +213,22 @@ def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, o
         return {**summary, "this_run": {"images": 0, "shards": 0, "seconds": 0.0, "images_per_s": None}}
     atomic_write_json(run_file, record)
     atomic_write_text(out / "config.yaml", record["config"])
+    norms_filled = 0
+    if sc.image_norm == 0:
+        try:
+            norms, norms_filled = fill_norms(table.column("image_norm").to_numpy(zero_copy_only=False))
+        except DecoderError as e:
+            raise RunError(f"{prototypes}: {e}") from None
+        table = table.set_column(table.schema.get_field_index("image_norm"), "image_norm", pa.array(norms))
+        if norms_filled:
+            log.info("%d prototypes without a recorded image norm (pairless) get the median norm", norms_filled)
     norms = table.column("image_norm").to_numpy()
     if sc.image_norm == 0 and np.allclose(norms, 1.0, atol=0.05):
         log.warning("the prototypes' recorded image norms are all about 1: the store held normalised vectors. "
                     "The decoder expects raw CLIP norms; set synthesize.image_norm")  # fmt: skip
     log.info("synthesize: %d prototypes in %d shards, %d done, %d to paint with %s", total, shards, len(done),
              len(pending), sc.model)  # fmt: skip
-    new, wall, plan = [], 0.0, None
+    new, wall, plan, steady = [], 0.0, None, None
     if pending:
         init_ray(cfg.ray)
         try:
@@ -246,7 +265,7 @@ def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, o
             except Exception as e:
                 raise RunError(f"synthesis stage failed: {unwrap_error(e)}") from e
         wall = time.perf_counter() - t0
-        new = asm.done
+        new, steady = asm.done, asm.rate.steady()
         if asm.rows:
             raise RunError(f"shards {sorted(asm.rows)} did not receive all their images")
     done.update({int(r["shard"].split("-")[1].split(".")[0]): r for r in new})
@@ -264,11 +283,13 @@ def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, o
         "settings": PaintSettings.from_config(sc).__dict__,
         "images": total,
         "shards": shards,
+        "norms_filled": norms_filled,
         "this_run": {
             "images": images_new,
             "shards": len(new),
             "seconds": round(wall, 3),
             "images_per_s": round(images_new / wall, 3) if wall > 0 else None,
+            "steady_images_per_s": steady,
         },
         "pool": plan.to_dict() if plan else None,
     }

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from rdistill.report import svg_histogram
-from rdistill.synthesis import DecoderError, check_dim, condition, image_seed
+from rdistill.synthesis import DecoderError, check_dim, condition, fill_norms, image_seed
 
 
 def test_condition_rescales_directions_to_the_recorded_or_fixed_norm():
@@ -35,3 +35,11 @@ def test_svg_histogram_counts_every_value_once():
     svg = svg_histogram({"shared": a, "pairless": b}, 5, "t", "x")
     assert svg.startswith("<svg") and "shared (10)" in svg and "pairless (2)" in svg
     assert "no data" in svg_histogram({"x": np.array([])}, 5, "empty", "x")
+
+
+def test_pairless_prototypes_without_a_recorded_norm_get_the_median():
+    norms, filled = fill_norms(np.array([10.0, np.nan, 14.0, 12.0, 0.0], np.float32))
+    assert filled == 2 and np.isfinite(norms).all()
+    np.testing.assert_allclose(norms, [10.0, 12.0, 14.0, 12.0, 12.0])
+    with pytest.raises(DecoderError, match="set synthesize.image_norm"):
+        fill_norms(np.array([np.nan, np.nan]))
