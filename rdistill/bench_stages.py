@@ -27,6 +27,15 @@ from pathlib import Path
 import numpy as np
 
 
+def _print_table(results: dict, unit: str) -> None:
+    base = results["loop"][f"{unit}_per_s"]
+    print(f"{'run':10} {unit:>8} {'seconds':>8} {unit + '/s':>10} {'vs loop':>8} {'steady/s':>9} {'vs loop':>8}")
+    for name, r in results.items():
+        rate, steady = r[f"{unit}_per_s"], r.get("steady_per_s")
+        print(f"{name:10} {r[unit]:8d} {r['seconds']:8.2f} {rate:10.2f} {rate / base:7.2f}x "
+              + (f"{steady:9.2f} {steady / base:7.2f}x" if steady else f"{'':>9} {'':>8}"))  # fmt: skip
+
+
 def _ray_fresh(num_cpus: int | None):
     import ray
 
@@ -84,13 +93,7 @@ def bench_embed(args) -> dict:
     import ray
 
     ray.shutdown()
-    base = results["loop"]["samples_per_s"]
-    print(f"{'run':10} {'samples':>8} {'seconds':>8} {'samples/s':>10} {'vs loop':>8} {'steady/s':>9} {'vs loop':>8}")
-    for name, r in results.items():
-        steady = r.get("steady_per_s")
-        print(f"{name:10} {r['samples']:8d} {r['seconds']:8.2f} {r['samples_per_s']:10.1f} "
-              f"{r['samples_per_s'] / base:7.2f}x "
-              + (f"{steady:9.1f} {steady / base:7.2f}x" if steady else f"{'':>9} {'':>8}"))  # fmt: skip
+    _print_table(results, "samples")
     return results
 
 
@@ -153,13 +156,7 @@ def bench_synthesize(args) -> dict:
     import ray
 
     ray.shutdown()
-    base = results["loop"]["images_per_s"]
-    print(f"{'run':10} {'images':>7} {'seconds':>8} {'images/s':>9} {'vs loop':>8} {'steady/s':>9} {'vs loop':>8}")
-    for name, r in results.items():
-        steady = r.get("steady_per_s")
-        print(f"{name:10} {r['images']:7d} {r['seconds']:8.2f} {r['images_per_s']:9.2f} "
-              f"{r['images_per_s'] / base:7.2f}x "
-              + (f"{steady:9.2f} {steady / base:7.2f}x" if steady else f"{'':>9} {'':>8}"))  # fmt: skip
+    _print_table(results, "images")
     return results
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from collections.abc import Callable
 
-from rdistill.config import Config, load_config
+from rdistill.config import Config, ConfigError, load_config
+from rdistill.runtime import RunError
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -22,3 +25,23 @@ def cli_config(args) -> Config:
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     return load_config(args.config, list(args.overrides) + (["progress=false"] if args.quiet else []))
+
+
+def run_cli(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    run: Callable[[argparse.Namespace, Config], dict],
+    report: Callable[[dict], None],
+    overrides: Callable[[argparse.Namespace], list[str]] = lambda args: [],
+) -> int:
+    """Parse ``argv``, resolve the config, ``run(args, cfg)``, then ``report(summary)``. A bad config or a run that
+    cannot go on prints ``error: ...`` (naming the key, file or value) and exits 2, never a traceback."""
+    args = parser.parse_args(argv)
+    args.overrides = list(args.overrides) + overrides(args)
+    try:
+        summary = run(args, cli_config(args))
+    except (ConfigError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report(summary)
+    return 0

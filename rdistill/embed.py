@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rdistill.cli import add_common_args, cli_config
+from rdistill.cli import add_common_args, run_cli
 from rdistill.config import Config, ConfigError, dump_config
 from rdistill.embedding import ClipEmbedder, read_shards
 from rdistill.models.clip import ClipSpec, ModelError, resolve_clip
@@ -326,15 +326,12 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = cli_config(args)
-        summary = run_embed(args.input, args.output, cfg, overwrite=args.overwrite)
-    except (ConfigError, RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print_summary(summary)
-    return 0
+    return run_cli(
+        build_parser(),
+        argv,
+        lambda args, cfg: run_embed(args.input, args.output, cfg, overwrite=args.overwrite),
+        print_summary,
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from rdistill.cli import add_common_args, cli_config
-from rdistill.config import Config, ConfigError
+from rdistill.cli import add_common_args, run_cli
+from rdistill.config import Config
 from rdistill.runtime import RunError, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -117,21 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.num_pairs is not None:
-        args.overrides.append(f"cluster.num_pairs={args.num_pairs}")
-    try:
-        cfg = cli_config(args)
-        summary = run_pds(cfg, args.output, input_spec=args.input, embeddings=args.embeddings,
-                          overwrite=args.overwrite)  # fmt: skip
-    except (ConfigError, RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def print_summary(summary: dict) -> None:
     for name, s in summary["stages"].items():
         print(f"{name:11} {s['status']:15} {s['what']} ({s['seconds']:.1f} s)")
     print(f"report: {summary['report']}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def run(args, cfg):
+        return run_pds(cfg, args.output, input_spec=args.input, embeddings=args.embeddings, overwrite=args.overwrite)
+
+    num_pairs = lambda args: [] if args.num_pairs is None else [f"cluster.num_pairs={args.num_pairs}"]  # noqa: E731
+    return run_cli(build_parser(), argv, run, print_summary, num_pairs)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,16 @@ def _stage_rows(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def _models(summary: dict) -> str:
+    parts = []
+    if "embed" in summary:
+        m = summary["embed"]["model"]
+        parts.append(f"CLIP <code>{html.escape(m['name'])}/{html.escape(m['pretrained'] or 'random init')}</code>")
+    if "synthesize" in summary:
+        parts.append(f"decoder <code>{html.escape(summary['synthesize']['model'])}</code>")
+    return ("Models: " + ", ".join(parts) + ".") if parts else ""
+
+
 def write_report(out: Path, summary: dict, prototypes: Path, distilled: Path | None, images: int = 48) -> Path:
     """Write ``out/report.html`` from the stage outputs; returns its path."""
     import pyarrow.parquet as pq
@@ -122,7 +132,7 @@ figure {{ width: 160px; margin: 0; font-size: 11px; }} img {{ image-rendering: a
 </style></head><body>
 <h1>rdistill: PDS distilled set</h1>
 <p>{len(align)} prototypes ({int(pairless.sum())} pairless), mean alignment {align.mean():.3f}.
-Output: <code>{html.escape(str(out))}</code></p>
+Output: <code>{html.escape(str(out))}</code>. {_models(summary)}</p>
 <h2>Stages</h2>
 <table><tr><th>stage</th><th>status</th><th>result</th><th>seconds</th></tr>
 {_stage_rows(summary)}

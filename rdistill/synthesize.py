@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rdistill.cli import add_common_args, cli_config
+from rdistill.cli import add_common_args, run_cli
 from rdistill.config import Config, ConfigError, dump_config
 from rdistill.models.unclip import DecoderError, decoder_embed_dim
 from rdistill.runtime import (
@@ -316,15 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = cli_config(args)
-        summary = run_synthesize(args.prototypes, args.output, cfg, overwrite=args.overwrite)
-    except (ConfigError, RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print_summary(summary)
-    return 0
+    return run_cli(
+        build_parser(),
+        argv,
+        lambda args, cfg: run_synthesize(args.prototypes, args.output, cfg, overwrite=args.overwrite),
+        print_summary,
+    )
 
 
 if __name__ == "__main__":

@@ -99,6 +99,8 @@ def test_demo_job_under_ray_job_submit_then_kill_mid_synthesis_and_resubmit(head
             for name in tar.getnames():
                 members.setdefault(name.rsplit(".", 1)[1], []).append(name)
     assert {k: len(v) for k, v in members.items()} == {"png": m, "txt": m, "npy": m, "json": m}
+    images = _images(full)
+    assert len(images) == m and all(im.std() > 0 for im in images.values())  # no blank (NaN-conditioned) image
     report = (full / "report.html").read_text()
     assert report.count("<svg") == 2 and report.count("<figure>") == m and "Prototype alignment" in report
 
