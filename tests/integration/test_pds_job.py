@@ -28,6 +28,18 @@ def _ray_bin():
     return str(path)
 
 
+def _free_ports(n):
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A Ray head on loopback with its job server, in its own process group: stopping it with `ray stop` would
@@ -37,10 +49,14 @@ def head(tmp_path_factory):
     # the job's `python` must be this environment's, as after `source .venv/bin/activate` (jobs/README.md)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
-    port = 8265 + (os.getpid() % 500)
+    # the session's own Ray instance holds Ray's default agent ports: a second one on this machine needs its own
+    port, agent, grpc, env_agent, metrics, client = _free_ports(6)
     proc = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=0",
                              "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={port}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                             f"--dashboard-port={port}", f"--dashboard-agent-listen-port={agent}",
+                             f"--dashboard-agent-grpc-port={grpc}", f"--runtime-env-agent-port={env_agent}",
+                             f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
+                             f"--temp-dir={temp}", "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     address = f"http://127.0.0.1:{port}"
