@@ -17,6 +17,7 @@ A rerun paints only the shards without a done-marker; the final set has exactly 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import logging
@@ -85,6 +86,18 @@ def read_prototypes(path: str | Path, cfg: Config) -> pa.Table:
     if "image_norm" not in table.column_names:
         table = table.append_column("image_norm", pa.array(np.zeros(len(ids), np.float32)))
     return table.take(pa.array(np.argsort(ids, kind="stable")))
+
+
+def _fingerprint(table: pa.Table) -> str:
+    """A hash of what the images depend on (embeddings, norms, captions), so that resuming onto prototypes that
+    were recomputed in place is refused rather than mixing two sets."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in ("id", "image_embedding", "image_norm", "caption"):
+        for chunk in table.column(name).chunks:
+            for buf in chunk.buffers():
+                if buf is not None:
+                    h.update(memoryview(buf))
+    return h.hexdigest()
 
 
 def _dim(table: pa.Table) -> int:
@@ -192,7 +205,8 @@ def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, o
             check_dim(dim, sc.model, want)
         except DecoderError as e:
             raise RunError(f"{prototypes}: {e}") from None
-    record = {"prototypes": str(prototypes), "count": total, "dim": dim, "config": dump_config(cfg, "synthesize")}
+    record = {"prototypes": str(prototypes), "count": total, "dim": dim, "fingerprint": _fingerprint(table),
+              "config": dump_config(cfg, "synthesize")}  # fmt: skip
     run_file = out / RUN_FILE
     if run_file.exists():
         previous = json.loads(run_file.read_text())

@@ -93,6 +93,8 @@ def test_one_image_per_prototype_with_caption_text_embedding_and_metadata(protot
     assert list(manifest["id"]) == list(range(M)) and manifest["seed"].nunique() == M
     again = run_synthesize(prototypes, out, _cfg("synthesize.batch_size=4"))
     assert again["this_run"]["images"] == 0
+    with pytest.raises(RunError, match="other prototypes or settings"):
+        run_synthesize(prototypes, out, _cfg("synthesize.negative_prompt=blurry"))
 
 
 def test_images_do_not_depend_on_batch_size_or_actor_count(prototypes, painted, tmp_path):
@@ -143,3 +145,22 @@ def test_dimension_mismatch_and_bad_prototypes_fail_clearly(prototypes, tmp_path
         run_synthesize(tmp_path / "nocap.parquet", tmp_path / "o", _cfg())
     with pytest.raises(RunError, match="prototypes not found"):
         run_synthesize(tmp_path / "nowhere", tmp_path / "o", _cfg())
+
+
+def test_prototypes_recomputed_in_place_are_not_resumed_onto(prototypes, painted, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+
+    p = shutil.copytree(prototypes, tmp_path / "p")
+    out = shutil.copytree(painted[0], tmp_path / "out")
+    record = json.loads((out / "synthesize.json").read_text())
+    (out / "synthesize.json").write_text(json.dumps({**record, "prototypes": str(p)}))
+    assert run_synthesize(p, out, _cfg())["this_run"]["images"] == 0  # same prototypes: complete
+    table = pq.read_table(p / "prototypes.parquet")
+    captions = table.column("caption").to_pylist()
+    captions[3] = "a different caption"
+    table = table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(captions))
+    pq.write_table(table, p / "prototypes.parquet")
+    with pytest.raises(RunError, match="other prototypes or settings"):
+        run_synthesize(p, out, _cfg())
