@@ -104,7 +104,7 @@ def bench_synthesize(args) -> dict:
     from rdistill.config import load_config
     from rdistill.planted import make_concepts, write_store
     from rdistill.prototypes import run_prototypes
-    from rdistill.synthesis import Painter, PaintSettings, condition, image_seed
+    from rdistill.synthesis import Painter, PaintSettings, condition, fill_norms, image_seed
     from rdistill.synthesize import read_prototypes, run_synthesize
 
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="rdistill-bench-synth-"))
@@ -120,7 +120,7 @@ def bench_synthesize(args) -> dict:
     run_prototypes(str(store), protos, cfg, overwrite=True)
     table = read_prototypes(protos, cfg).to_pydict()
     emb = np.asarray(table["image_embedding"], np.float32)
-    norms, captions, ids = np.asarray(table["image_norm"]), table["caption"], np.asarray(table["id"])
+    norms, captions, ids = fill_norms(np.asarray(table["image_norm"]))[0], table["caption"], np.asarray(table["id"])
     m = len(ids)
     print(f"synthesize benchmark: {m} prototypes, tiny unCLIP pipeline, {args.steps} steps, "
           f"CFG {cfg.synthesize.guidance_scale}, batch {args.batch_size}, {args.cpus} CPU threads")  # fmt: skip

@@ -42,7 +42,9 @@ from rdistill.runtime import (
     atomic_path,
     atomic_write_json,
     atomic_write_text,
+    claim_output,
     fault_point,
+    finished_summary,
     progress,
 )
 from rdistill.shards import SampleFormat, ShardSpecError, resolve_shards
@@ -204,27 +206,15 @@ def run_embed(input_spec: str, output: str | Path, cfg: Config, *, overwrite: bo
     except (ShardSpecError, ModelError) as e:
         raise RunError(str(e)) from None
     record = _run_record(input_spec, shards, spec, cfg)
-    run_file = out / RUN_FILE
-    if run_file.exists():
-        previous = json.loads(run_file.read_text())
-        same = {k: previous.get(k) for k in ("shards", "model", "config")} == {
-            k: record[k] for k in ("shards", "model", "config")
-        }
-        if not same and not overwrite:
-            raise RunError(f"{out} holds embeddings of other shards, another model or config: "
-                           "pass --overwrite or choose another --output")  # fmt: skip
-        if not same:
-            _clear(out)
-    elif overwrite:
-        _clear(out)
+    claim_output(out, RUN_FILE, record, ("shards", "model", "config"), overwrite, _clear,
+                 "embeddings of other shards, another model or config")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     done = _load_done(out, len(shards))
     pending = [i for i in range(len(shards)) if i not in done]
-    if not pending and (out / SUCCESS).exists() and run_file.exists():
-        log.info("embed: %s is complete: nothing to do", out)
-        summary = json.loads((out / "summary.json").read_text())
-        return {**summary, "parts_this_run": 0, "this_run": {"samples": 0, "seconds": 0.0, "samples_per_s": None}}
-    atomic_write_json(run_file, record)
+    idle = {"samples": 0, "seconds": 0.0, "samples_per_s": None}
+    if not pending and (finished := finished_summary(out, RUN_FILE, idle, parts_this_run=0)):
+        return finished
+    atomic_write_json(out / RUN_FILE, record)
     atomic_write_text(out / "config.yaml", record["config"])
     log.info("embed: %d shards, %d done, %d to embed with %s/%s (dim %d)", len(shards), len(done), len(pending),
              spec.model, spec.pretrained or "random", spec.embed_dim)  # fmt: skip

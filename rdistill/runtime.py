@@ -145,6 +145,32 @@ class RateMeter:
         return round((self.count - self.first[1]) / (self.last - self.first[0]), 3)
 
 
+def claim_output(out: Path, run_file: str, record: dict, keys: tuple[str, ...], overwrite: bool, clear,
+                 holds: str) -> None:  # fmt: skip
+    """Make ``out`` a stage's output for the run described by ``record``: a previous run whose record agrees on
+    ``keys`` is resumed; one that differs is refused (the message says ``out`` holds ``holds``) unless
+    ``overwrite``, which first calls ``clear(out)``."""
+    path = out / run_file
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if {k: previous.get(k) for k in keys} == {k: record[k] for k in keys}:
+            return
+        if not overwrite:
+            raise RunError(f"{out} holds {holds}: pass --overwrite or choose another --output")
+        clear(out)
+    elif overwrite:
+        clear(out)
+
+
+def finished_summary(out: Path, run_file: str, this_run: dict, **fields) -> dict | None:
+    """The saved summary of a complete stage output (``_SUCCESS``, run record), with ``this_run`` reporting no
+    work; ``None`` when the output is not complete."""
+    if not ((out / "_SUCCESS").exists() and (out / run_file).exists() and (out / "summary.json").exists()):
+        return None
+    log.info("%s is complete: nothing to do", out)
+    return {**json.loads((out / "summary.json").read_text()), **fields, "this_run": this_run}
+
+
 FAULT_ENV = "RDISTILL_FAULT_KILL_AFTER"
 
 

@@ -40,7 +40,9 @@ from rdistill.runtime import (
     atomic_path,
     atomic_write_json,
     atomic_write_text,
+    claim_output,
     fault_point,
+    finished_summary,
     progress,
 )
 from rdistill.synthesis import Painter, PaintSettings, check_dim, fill_norms, sample_json
@@ -207,25 +209,15 @@ def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, o
             raise RunError(f"{prototypes}: {e}") from None
     record = {"prototypes": str(prototypes), "count": total, "dim": dim, "fingerprint": _fingerprint(table),
               "config": dump_config(cfg, "synthesize")}  # fmt: skip
-    run_file = out / RUN_FILE
-    if run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if previous != record and not overwrite:
-            raise RunError(f"{out} holds images of other prototypes or settings: pass --overwrite or choose "
-                           "another --output")  # fmt: skip
-        if previous != record:
-            _clear(out)
-    elif overwrite:
-        _clear(out)
+    claim_output(out, RUN_FILE, record, tuple(record), overwrite, _clear, "images of other prototypes or settings")
     out.mkdir(parents=True, exist_ok=True)
     shards = math.ceil(total / sc.shard_size)
     done = _load_done(out, shards)
     pending = [k for k in range(shards) if k not in done]
-    if not pending and (out / SUCCESS).exists() and run_file.exists():
-        log.info("synthesize: %s is complete: nothing to do", out)
-        summary = json.loads((out / "summary.json").read_text())
-        return {**summary, "this_run": {"images": 0, "shards": 0, "seconds": 0.0, "images_per_s": None}}
-    atomic_write_json(run_file, record)
+    idle = {"images": 0, "shards": 0, "seconds": 0.0, "images_per_s": None}
+    if not pending and (finished := finished_summary(out, RUN_FILE, idle)):
+        return finished
+    atomic_write_json(out / RUN_FILE, record)
     atomic_write_text(out / "config.yaml", record["config"])
     norms_filled = 0
     if sc.image_norm == 0:
