@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rdistill.cli import add_common_args, run_cli
-from rdistill.config import Config, ConfigError, dump_config
+from rdistill.config import Config, dump_config
 from rdistill.embedding import ClipEmbedder, read_shards
 from rdistill.models.clip import ClipSpec, ModelError, resolve_clip
 from rdistill.runtime import (
@@ -197,7 +197,7 @@ def run_embed(input_spec: str, output: str | Path, cfg: Config, *, overwrite: bo
     """
     import ray
 
-    from rdistill.raytools import actor_pool_args, init_ray, plan_pool, reader_task_args, unwrap_error
+    from rdistill.raytools import actor_pool_args, drain, reader_task_args, start_pool
 
     out = Path(output)
     try:
@@ -220,11 +220,7 @@ def run_embed(input_spec: str, output: str | Path, cfg: Config, *, overwrite: bo
              spec.model, spec.pretrained or "random", spec.embed_dim)  # fmt: skip
     plan, new, failed, wall, steady = None, [], [], 0.0, None
     if pending:
-        init_ray(cfg.ray)
-        try:
-            plan = plan_pool(cfg.embed.pool, "embed")
-        except ConfigError as e:
-            raise RunError(str(e)) from None
+        plan = start_pool(cfg.ray, cfg.embed.pool, "embed")
         fmt = SampleFormat.from_config(cfg.embed)
         items = [{"part": i, "url": shards[i]} for i in pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -243,17 +239,9 @@ def run_embed(input_spec: str, output: str | Path, cfg: Config, *, overwrite: bo
             batch_size=cfg.embed.batch_size,
             **actor_pool_args(plan),
         )
-        t0 = time.perf_counter()
         with progress(len(pending), "embed", cfg.progress, unit="shards") as bar:
             asm = _Assembler(out, shards, spec.embed_dim, bar)
-            try:
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    asm.add(batch)
-            except RunError:
-                raise
-            except Exception as e:
-                raise RunError(f"embedding stage failed: {unwrap_error(e)}") from e
-        wall = time.perf_counter() - t0
+            wall = drain(ds, asm.add, "embedding")
         new, failed, steady = asm.done, asm.failed, asm.rate.steady()
         if asm.open:
             raise RunError(f"parts {sorted(asm.open)} never received their end row")

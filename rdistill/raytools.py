@@ -8,9 +8,11 @@ import inspect
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 
 from rdistill.config import ConfigError, PoolConfig, RayConfig
+from rdistill.runtime import RunError
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +109,26 @@ def unwrap_error(e: BaseException) -> str:
         cause = cause.__cause__
     text = str(cause).strip().splitlines()
     return text[-1] if text else type(cause).__name__
+
+
+def start_pool(rc: RayConfig, pool: PoolConfig, section: str) -> PoolPlan:
+    """Join or start Ray, then size the ``section`` stage's actor pool; a pool that cannot be is a RunError."""
+    init_ray(rc)
+    try:
+        return plan_pool(pool, section)
+    except ConfigError as e:
+        raise RunError(str(e)) from None
+
+
+def drain(ds, sink, stage: str) -> float:
+    """Feed every output batch of ``ds`` (numpy format, in order) to ``sink``; returns the seconds it took. An
+    error raised in a task or actor becomes a RunError naming ``stage`` and the innermost message."""
+    t0 = time.perf_counter()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            sink(batch)
+    except RunError:
+        raise
+    except Exception as e:
+        raise RunError(f"{stage} stage failed: {unwrap_error(e)}") from e
+    return time.perf_counter() - t0

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rdistill.cli import add_common_args, run_cli
-from rdistill.config import Config, ConfigError, dump_config
+from rdistill.config import Config, dump_config
 from rdistill.models.unclip import DecoderError, decoder_embed_dim
 from rdistill.runtime import (
     RateMeter,
@@ -196,7 +196,7 @@ def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, o
     """Paint one image per prototype in ``prototypes`` (a prototypes dir or parquet) into ``output``."""
     import ray
 
-    from rdistill.raytools import actor_pool_args, init_ray, plan_pool, unwrap_error
+    from rdistill.raytools import actor_pool_args, drain, start_pool
 
     sc, out = cfg.synthesize, Path(output)
     table = read_prototypes(prototypes, cfg)
@@ -236,11 +236,7 @@ def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, o
              len(pending), sc.model)  # fmt: skip
     new, wall, plan, steady = [], 0.0, None, None
     if pending:
-        init_ray(cfg.ray)
-        try:
-            plan = plan_pool(sc.pool, "synthesize")
-        except ConfigError as e:
-            raise RunError(str(e)) from None
+        plan = start_pool(cfg.ray, sc.pool, "synthesize")
         shard_of = table.column("id").to_numpy() // sc.shard_size
         todo = table.filter(pa.array(np.isin(shard_of, pending)))
         n_todo = todo.num_rows
@@ -260,17 +256,9 @@ def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, o
             batch_size=sc.batch_size,
             **actor_pool_args(plan),
         )
-        t0 = time.perf_counter()
         with progress(n_todo, "synthesize", cfg.progress, unit="images") as bar:
             asm = _Assembler(out, sc.shard_size, total, sc.model, sc.image_format, bar)
-            try:
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    asm.add(batch)
-            except RunError:
-                raise
-            except Exception as e:
-                raise RunError(f"synthesis stage failed: {unwrap_error(e)}") from e
-        wall = time.perf_counter() - t0
+            wall = drain(ds, asm.add, "synthesis")
         new, steady = asm.done, asm.rate.steady()
         if asm.rows:
             raise RunError(f"shards {sorted(asm.rows)} did not receive all their images")
