@@ -70,12 +70,13 @@ def _save_npy(path: Path, x: np.ndarray) -> None:
         np.save(f, x)
 
 
-class _Part:
-    """Rows of one part as they arrive from the pool, in order."""
+_COLUMNS = ("index", "key", "caption", "img_emb", "txt_emb")
 
-    def __init__(self):
-        self.blocks: list[dict] = []
-        self.rows = 0
+
+def _empty_block(dim: int) -> dict:
+    obj = np.zeros(0, dtype=object)
+    return {"index": np.zeros(0, np.int64), "key": obj, "caption": obj,
+            "img_emb": np.zeros((0, dim), np.float16), "txt_emb": np.zeros((0, dim), np.float16)}  # fmt: skip
 
 
 class _Assembler:
@@ -83,7 +84,7 @@ class _Assembler:
 
     def __init__(self, out: Path, shards: list[str], dim: int, bar):
         self.out, self.shards, self.dim, self.bar = out, shards, dim, bar
-        self.open: dict[int, _Part] = {}
+        self.open: dict[int, list[dict]] = {}  # part -> blocks of its rows received so far
         self.done: list[dict] = []
         self.rate = RateMeter()
         self.failed: list[str] = []
@@ -96,40 +97,38 @@ class _Assembler:
         for p in np.unique(parts).tolist():
             m = parts == p
             live = m & ~end
-            acc = self.open.setdefault(p, _Part())
+            blocks = self.open.setdefault(p, [])
             if live.any():
-                acc.blocks.append({k: np.asarray(batch[k])[live] for k in ("index", "key", "caption", "img_emb",
-                                                                             "txt_emb")})  # fmt: skip
-                acc.rows += int(live.sum())
+                blocks.append({k: np.asarray(batch[k])[live] for k in _COLUMNS})
             ends = np.flatnonzero(m & end)
             if len(ends):
                 info = json.loads(batch["info"][ends[0]])
                 self._finish(p, self.open.pop(p), int(batch["index"][ends[0]]), info)
 
-    def _finish(self, p: int, acc: _Part, expected: int, info: dict) -> None:
+    def _finish(self, p: int, blocks: list[dict], expected: int, info: dict) -> None:
         if info["error"]:
             self.failed.append(info["error"])
             log.error("part %d: %s", p, info["error"])
             self.bar.update(1)
             return
-        if acc.rows != expected:
-            raise RunError(f"part {p} ({self.shards[p]}): {acc.rows} rows arrived, the reader sent {expected}")
-        cols = {k: np.concatenate([b[k] for b in acc.blocks]) if acc.blocks else None for k in
-                ("index", "key", "caption", "img_emb", "txt_emb")}  # fmt: skip
-        if acc.blocks:
-            order = np.argsort(cols["index"], kind="stable")
-            cols = {k: v[order] for k, v in cols.items()}
-            if not np.array_equal(cols["index"], np.arange(expected)):
-                raise RunError(f"part {p} ({self.shards[p]}): rows arrived with gaps or duplicates")
-        img = cols["img_emb"] if acc.blocks else np.zeros((0, self.dim), np.float16)
-        txt = cols["txt_emb"] if acc.blocks else np.zeros((0, self.dim), np.float16)
+        blocks = blocks or [_empty_block(self.dim)]
+        cols = {k: np.concatenate([b[k] for b in blocks]) for k in _COLUMNS}
+        if len(cols["index"]) != expected:
+            raise RunError(
+                f"part {p} ({self.shards[p]}): {len(cols['index'])} rows arrived, the reader sent {expected}"
+            )
+        order = np.argsort(cols["index"], kind="stable")
+        cols = {k: v[order] for k, v in cols.items()}
+        if not np.array_equal(cols["index"], np.arange(expected)):
+            raise RunError(f"part {p} ({self.shards[p]}): rows arrived with gaps or duplicates")
         paths = _part_paths(self.out, p)
         table = pa.table({
-            "key": pa.array([str(k) for k in cols["key"]] if acc.blocks else [], pa.string()),
-            "caption": pa.array([str(c) for c in cols["caption"]] if acc.blocks else [], pa.string()),
+            "key": pa.array([str(k) for k in cols["key"]], pa.string()),
+            "caption": pa.array([str(c) for c in cols["caption"]], pa.string()),
             "shard": pa.array([self.shards[p]] * expected, pa.string()),
-            "index": pa.array(np.arange(expected, dtype=np.int64)),
+            "index": pa.array(cols["index"]),
         })  # fmt: skip
+        img, txt = cols["img_emb"], cols["txt_emb"]
         _save_npy(paths["img"], np.ascontiguousarray(img, dtype=np.float16))
         _save_npy(paths["txt"], np.ascontiguousarray(txt, dtype=np.float16))
         with atomic_path(paths["meta"]) as tmp:

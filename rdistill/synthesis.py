@@ -144,12 +144,13 @@ def sample_json(row: dict, model: str) -> bytes:
     """The ``ID.json`` member: the prototype's provenance (clusters, shared pairs, alignment) and the seed."""
     keys = ("id", "caption", "caption_key", "image_cluster", "text_cluster", "shared_pairs", "alignment",
             "pairless", "refilled", "seed")  # fmt: skip
-    out = {k: _plain(row[k]) for k in keys if k in row}
+    out = {k: plain(row[k]) for k in keys if k in row}
     out["model"] = model
     return json.dumps(out).encode()
 
 
-def _plain(v):
+def plain(v):
+    """A numpy scalar as the Python value JSON and parquet rows want."""
     if isinstance(v, np.generic):
         return v.item()
     return v

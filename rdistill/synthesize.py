@@ -45,7 +45,7 @@ from rdistill.runtime import (
     finished_summary,
     progress,
 )
-from rdistill.synthesis import Painter, PaintSettings, check_dim, fill_norms, sample_json
+from rdistill.synthesis import Painter, PaintSettings, check_dim, fill_norms, plain, sample_json
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +147,11 @@ class _Assembler:
         _write_tar(path, rows, self.model, self.fmt)
         manifest = [{"id": int(r["id"]), "key": _key(int(r["id"])), "shard": path.name,
                      "caption": str(r["caption"]), "seed": int(r["seed"]),
-                     **{c: _plain(r[c]) for c in CARRIED if c in r}} for r in rows]  # fmt: skip
+                     **{c: plain(r[c]) for c in CARRIED if c in r}} for r in rows]  # fmt: skip
         record = {"shard": path.name, "images": len(rows), "written": time.time(), "rows": manifest}
         atomic_write_json(self.out / DONE / f"shard_{k}.json", record)
         self.done.append(record)
         fault_point("synthesize", len(self.done))
-
-
-def _plain(v):
-    return v.item() if isinstance(v, np.generic) else v
 
 
 def _write_tar(path: Path, rows: list[dict], model: str, fmt: str) -> None:
