@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check rdistill tests && $(VENV)/bin/ruff format --check rdistill tests
 
 bench: $(STAMP)
-	$(VENV)/bin/python -m rdistill.bench prototypes
+	$(VENV)/bin/python -m rdistill.dev.bench prototypes
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from rdistill.config import Config, ConfigError, load_config
-from rdistill.runtime import RunError
+from rdistill.io.outputs import RunError
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from rdistill.planted import make_concepts, write_store
+from rdistill.dev.planted import make_concepts, write_store
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from rdistill.core.matching import Matching
+from rdistill.algo.matching import Matching
 
 log = logging.getLogger(__name__)
 

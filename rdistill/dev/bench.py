@@ -34,13 +34,13 @@ import numpy as np
 
 def _peak_mb() -> float:
     # VmHWM, not ru_maxrss: a spawned child's ru_maxrss starts from its parent's peak (inherited through exec)
-    from rdistill.runtime import peak_rss_mb
+    from rdistill.io.outputs import peak_rss_mb
 
     return peak_rss_mb()
 
 
 def _load_store(root: Path) -> tuple[np.ndarray, np.ndarray]:
-    from rdistill.store import EmbeddingStore
+    from rdistill.io.store import EmbeddingStore
 
     store = EmbeddingStore(str(root))
     img, txt = [], []
@@ -94,7 +94,7 @@ def run_ours(root: Path, out: Path, num_pairs: int, prune_ratio: float, seed: in
     import pyarrow.parquet as pq
 
     from rdistill.config import load_config
-    from rdistill.prototypes import run_prototypes
+    from rdistill.engine.driver import run_prototypes
 
     cfg = load_config(
         None,
@@ -176,7 +176,7 @@ def in_fresh_process(fn, *args) -> dict:
 
 
 def bench_prototypes(args) -> dict:
-    from rdistill.planted import make_concepts, score_recovery, write_store
+    from rdistill.dev.planted import make_concepts, score_recovery, write_store
 
     concepts = make_concepts(args.concepts or args.num_pairs, args.dim, seed=args.seed)
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="rdistill-bench-"))
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--scratch", help="scratch dir (kept; the store is reused when present)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for ours")
     b.add_argument("--json", help="write the results as JSON here")
-    from rdistill.bench_stages import add_parsers, bench_embed, bench_synthesize
+    from rdistill.dev.bench_stages import add_parsers, bench_embed, bench_synthesize
 
     add_parsers(sub)
     args = p.parse_args(argv)

@@ -48,11 +48,11 @@ def bench_embed(args) -> dict:
     import torch
 
     from rdistill.config import load_config
-    from rdistill.embed import run_embed
-    from rdistill.embedding import ClipEmbedder, read_shards
+    from rdistill.dev.toydata import write_toy_shards
+    from rdistill.io.shards import SampleFormat, resolve_shards
     from rdistill.models.clip import resolve_clip
-    from rdistill.shards import SampleFormat, resolve_shards
-    from rdistill.toydata import write_toy_shards
+    from rdistill.stages.embed.driver import run_embed
+    from rdistill.stages.embed.worker import ClipEmbedder, read_shards
 
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="rdistill-bench-embed-"))
     write_toy_shards(scratch / "shards", args.shards, args.per_shard, size=args.image_size)
@@ -102,10 +102,10 @@ def bench_synthesize(args) -> dict:
     from PIL import Image
 
     from rdistill.config import load_config
-    from rdistill.planted import make_concepts, write_store
-    from rdistill.prototypes import run_prototypes
-    from rdistill.synthesis import Painter, PaintSettings, condition, fill_norms, image_seed
-    from rdistill.synthesize import read_prototypes, run_synthesize
+    from rdistill.dev.planted import make_concepts, write_store
+    from rdistill.engine.driver import run_prototypes
+    from rdistill.stages.synthesize.driver import read_prototypes, run_synthesize
+    from rdistill.stages.synthesize.worker import Painter, PaintSettings, condition, fill_norms, image_seed
 
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="rdistill-bench-synth-"))
     store = scratch / "store"

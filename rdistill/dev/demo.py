@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from rdistill.config import ConfigError, load_config
-from rdistill.planted import PlantedConcepts, make_concepts, score_recovery, write_store
-from rdistill.prototypes import RunError, print_summary, run_prototypes
+from rdistill.dev.planted import PlantedConcepts, make_concepts, score_recovery, write_store
+from rdistill.engine.driver import RunError, print_summary, run_prototypes
 
 DEMO_ROWS, DEMO_DIM, DEMO_CONCEPTS = 20_000, 64, 50
 

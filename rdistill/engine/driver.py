@@ -33,14 +33,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rdistill.algo.cells import CellMeans, cosine, plan_cells
+from rdistill.algo.kmeans import fit_kmeans, nearest_centroid
+from rdistill.algo.matching import Contingency, match_clusters
+from rdistill.algo.prune import find_prune_cut, pair_similarity
+from rdistill.algo.retrieval import NearestRows
 from rdistill.config import Config, ConfigError, config_to_dict, dump_config, load_config
-from rdistill.core.kmeans import fit_kmeans, nearest_centroid
-from rdistill.core.matching import Contingency, match_clusters
-from rdistill.core.prototypes import CellMeans, cosine, plan_cells
-from rdistill.core.prune import find_prune_cut, pair_similarity
-from rdistill.core.retrieval import NearestRows
-from rdistill.runtime import RunError, StepRecorder, atomic_path, atomic_write_json, atomic_write_text, progress
-from rdistill.store import Block, EmbeddingStore, StoreError
+from rdistill.io.outputs import RunError, StepRecorder, atomic_path, atomic_write_json, atomic_write_text, progress
+from rdistill.io.store import Block, EmbeddingStore, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from rdistill.config import ConfigError, PoolConfig, RayConfig
-from rdistill.runtime import RunError
+from rdistill.io.outputs import RunError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from rdistill.cli import add_common_args, run_cli
 from rdistill.config import Config
-from rdistill.runtime import RunError, atomic_write_json
+from rdistill.io.outputs import RunError, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,10 @@ def _stage(name: str, fn, what) -> tuple[dict, dict]:
 def run_pds(cfg: Config, output: str | Path, *, input_spec: str = "", embeddings: str = "",
             overwrite: bool = False) -> dict:  # fmt: skip
     """Run the job into ``output``; returns the job summary (also written to ``output/summary.json``)."""
-    from rdistill.embed import run_embed
-    from rdistill.prototypes import run_prototypes
-    from rdistill.report import write_report
-    from rdistill.synthesize import run_synthesize
+    from rdistill.engine.driver import run_prototypes
+    from rdistill.stages.embed.driver import run_embed
+    from rdistill.stages.report import write_report
+    from rdistill.stages.synthesize.driver import run_synthesize
 
     out = Path(output)
     input_spec = input_spec or cfg.job.input
@@ -95,8 +95,8 @@ def _embed_what(s: dict) -> tuple[str, str]:
 
 def _toy_input(out: Path, cfg: Config) -> Path:
     """The demo's shards of real images, generated once into ``out/toy-shards`` (deterministic in the seed)."""
-    from rdistill.runtime import atomic_write_text
-    from rdistill.toydata import write_toy_shards
+    from rdistill.dev.toydata import write_toy_shards
+    from rdistill.io.outputs import atomic_write_text
 
     root = out / "toy-shards"
     if not (root / "_SUCCESS").exists():

@@ -106,7 +106,7 @@ def write_report(out: Path, summary: dict, prototypes: Path, distilled: Path | N
     """Write ``out/report.html`` from the stage outputs; returns its path."""
     import pyarrow.parquet as pq
 
-    from rdistill.runtime import atomic_write_text
+    from rdistill.io.outputs import atomic_write_text
 
     t = pq.read_table(prototypes / "prototypes.parquet").to_pydict()
     pairless = np.asarray(t["pairless"], bool)

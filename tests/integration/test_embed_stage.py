@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from rdistill.config import load_config
-from rdistill.embed import RunError, run_embed
+from rdistill.dev.toydata import toy_samples, write_tar
+from rdistill.io.shards import decode_image
+from rdistill.io.store import EmbeddingStore
 from rdistill.models.clip import ClipEncoder, crop_transform, resolve_clip
-from rdistill.shards import decode_image
-from rdistill.store import EmbeddingStore
-from rdistill.toydata import toy_samples, write_tar
+from rdistill.stages.embed.driver import RunError, run_embed
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["embed.model=rdistill-tiny", "embed.pretrained=", "embed.batch_size=32", "embed.decode_batch=16",

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from rdistill.config import load_config
-from rdistill.planted import score_recovery
-from rdistill.prototypes import RunError, main, run_prototypes
-from rdistill.store import StoreError
+from rdistill.dev.planted import score_recovery
+from rdistill.engine.driver import RunError, main, run_prototypes
+from rdistill.io.store import StoreError
 from tests.conftest import read_vectors
 
 

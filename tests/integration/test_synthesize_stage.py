@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from rdistill.config import load_config
-from rdistill.prototypes import run_prototypes
-from rdistill.runtime import RunError
-from rdistill.synthesize import run_synthesize
+from rdistill.engine.driver import run_prototypes
+from rdistill.io.outputs import RunError
+from rdistill.stages.synthesize.driver import run_synthesize
 
 ROOT = Path(__file__).resolve().parents[2]
 M = 10

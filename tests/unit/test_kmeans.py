@@ -2,8 +2,8 @@ import faiss
 import numpy as np
 import pytest
 
-from rdistill.core.kmeans import fit_kmeans, kmeanspp, merge_costs, nearest_centroid, pca_project, split_gains
-from rdistill.planted import make_concepts, sample_pairs
+from rdistill.algo.kmeans import fit_kmeans, kmeanspp, merge_costs, nearest_centroid, pca_project, split_gains
+from rdistill.dev.planted import make_concepts, sample_pairs
 
 
 def sse(x, c):

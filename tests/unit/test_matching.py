@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from rdistill.core.matching import Contingency, match_clusters
+from rdistill.algo.matching import Contingency, match_clusters
 
 
 def brute_force_best(counts: np.ndarray) -> int:

@@ -1,8 +1,8 @@
 import numpy as np
 import scipy.sparse as sp
 
-from rdistill.core.matching import match_clusters
-from rdistill.core.prototypes import CellMeans, cosine, plan_cells
+from rdistill.algo.cells import CellMeans, cosine, plan_cells
+from rdistill.algo.matching import match_clusters
 
 
 def table():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from rdistill.core.prune import find_prune_cut, pair_similarity
+from rdistill.algo.prune import find_prune_cut, pair_similarity
 
 
 def blocks_of(sims, block):

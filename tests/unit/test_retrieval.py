@@ -1,7 +1,7 @@
 import numpy as np
 
-from rdistill.core import retrieval
-from rdistill.core.retrieval import NearestRows
+from rdistill.algo import retrieval
+from rdistill.algo.retrieval import NearestRows
 
 
 def test_streamed_top1_equals_full_argmax(monkeypatch):

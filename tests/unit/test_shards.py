@@ -5,8 +5,9 @@ import tarfile
 import numpy as np
 import pytest
 
-import rdistill.shards as shards
-from rdistill.shards import (
+import rdistill.io.shards as shards
+from rdistill.dev.toydata import toy_samples, write_tar
+from rdistill.io.shards import (
     SampleFormat,
     ShardReadError,
     ShardSpecError,
@@ -15,7 +16,6 @@ from rdistill.shards import (
     iter_samples,
     resolve_shards,
 )
-from rdistill.toydata import toy_samples, write_tar
 
 
 def _tar(path, members):

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from rdistill.report import svg_histogram
-from rdistill.synthesis import DecoderError, check_dim, condition, fill_norms, image_seed
+from rdistill.stages.report import svg_histogram
+from rdistill.stages.synthesize.worker import DecoderError, check_dim, condition, fill_norms, image_seed
 
 
 def test_condition_rescales_directions_to_the_recorded_or_fixed_norm():

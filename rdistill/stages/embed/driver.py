@@ -34,9 +34,7 @@ import pyarrow.parquet as pq
 
 from rdistill.cli import add_common_args, run_cli
 from rdistill.config import Config, dump_config
-from rdistill.embedding import ClipEmbedder, read_shards
-from rdistill.models.clip import ClipSpec, ModelError, resolve_clip
-from rdistill.runtime import (
+from rdistill.io.outputs import (
     RateMeter,
     RunError,
     atomic_path,
@@ -47,7 +45,9 @@ from rdistill.runtime import (
     finished_summary,
     progress,
 )
-from rdistill.shards import SampleFormat, ShardSpecError, resolve_shards
+from rdistill.io.shards import SampleFormat, ShardSpecError, resolve_shards
+from rdistill.models.clip import ClipSpec, ModelError, resolve_clip
+from rdistill.stages.embed.worker import ClipEmbedder, read_shards
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def run_embed(input_spec: str, output: str | Path, cfg: Config, *, overwrite: bo
     """
     import ray
 
-    from rdistill.raytools import actor_pool_args, drain, reader_task_args, start_pool
+    from rdistill.ray.pools import actor_pool_args, drain, reader_task_args, start_pool
 
     out = Path(output)
     try:

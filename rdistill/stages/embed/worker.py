@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from rdistill.io.shards import SampleFormat, ShardReadError, ShardStats, decode_image, iter_samples
 from rdistill.models.clip import ClipEncoder, ClipSpec, crop_transform
-from rdistill.shards import SampleFormat, ShardReadError, ShardStats, decode_image, iter_samples
 
 _PASS = ("part", "index", "key", "caption", "end", "info")
 

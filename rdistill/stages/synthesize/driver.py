@@ -33,8 +33,7 @@ import pyarrow.parquet as pq
 
 from rdistill.cli import add_common_args, run_cli
 from rdistill.config import Config, dump_config
-from rdistill.models.unclip import DecoderError, decoder_embed_dim
-from rdistill.runtime import (
+from rdistill.io.outputs import (
     RateMeter,
     RunError,
     atomic_path,
@@ -45,7 +44,8 @@ from rdistill.runtime import (
     finished_summary,
     progress,
 )
-from rdistill.synthesis import Painter, PaintSettings, check_dim, fill_norms, plain, sample_json
+from rdistill.models.unclip import DecoderError, decoder_embed_dim
+from rdistill.stages.synthesize.worker import Painter, PaintSettings, check_dim, fill_norms, plain, sample_json
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, o
     """Paint one image per prototype in ``prototypes`` (a prototypes dir or parquet) into ``output``."""
     import ray
 
-    from rdistill.raytools import actor_pool_args, drain, start_pool
+    from rdistill.ray.pools import actor_pool_args, drain, start_pool
 
     sc, out = cfg.synthesize, Path(output)
     table = read_prototypes(prototypes, cfg)

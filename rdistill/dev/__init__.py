@@ -1,0 +1,1 @@
+"""Development tools: benchmarks, planted mixtures, toy shards and the planted demo."""

@@ -1,0 +1,8 @@
+"""``python -m rdistill.synthesize``: the entry point of the synthesis stage (:mod:`rdistill.stages.synthesize.driver`)."""
+
+import sys
+
+from rdistill.stages.synthesize.driver import main
+
+if __name__ == "__main__":
+    sys.exit(main())
