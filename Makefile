@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+PUBLISHED_WRITERS := clip-retrieval==2.45.0 img2dataset==1.47.0
 # torch first, from the builds this machine's pip finds (x86_64: 2.14.1 with its torchvision; aarch64: 2.9.1);
 # override with `make TORCH="torch==X torchvision==Y"`. The package itself never pins torch.
 ARCH := $(shell uname -m)
@@ -15,11 +16,14 @@ endif
 
 .PHONY: setup demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -c 'import torch, torchvision' 2>/dev/null || $(VENV)/bin/python -m pip install --quiet $(TORCH)
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	# the writers of clip-retrieval and img2dataset, for tests that read what they really write; --no-deps: their
+	# pinned dependencies would downgrade ours, and the tests load only their writer modules (tests/published.py)
+	$(VENV)/bin/python -m pip install --quiet --no-deps $(PUBLISHED_WRITERS)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
+from rdistill.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key."""
+__all__ = ["Config", "ConfigError", "load_config", "dump_config", "config_to_dict", "parse_override"]
 
 
 def _f(default, *, lo=None, hi=None, choices=None, doc="", runtime=False):
@@ -31,8 +31,8 @@ class EmbeddingsConfig:
         True, doc="L2-normalise rows before pruning and clustering (cosine geometry); retrieval is always cosine"
     )
     on_invalid: str = _f("skip", choices=("skip", "error"), doc="rows with NaN/inf or a zero vector: skip and count")
-    key_column: str = _f("key", doc="metadata column with the sample key")
-    caption_column: str = _f("caption", doc="metadata column with the caption")
+    key_column: str = _f("", doc="metadata column with the sample key; empty: the first of key, image_path")
+    caption_column: str = _f("", doc="metadata column with the caption; empty: the first of caption, text")
     block_rows: int = _f(65536, lo=1024, doc="rows read per block in streaming passes", runtime=True)
     cache_gb: float = _f(
         2.0, lo=0.0, doc="keep the prepared (float32) store in RAM between passes if it fits", runtime=True

@@ -1,4 +1,4 @@
-"""``python -m rdistill.synthesize``: the entry point of the synthesis stage (:mod:`rdistill.stages.synthesize.driver`)."""
+"""``python -m rdistill.synthesize``: the entry point of :mod:`rdistill.stages.synthesize.driver`."""
 
 import sys
 

@@ -12,11 +12,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from rdistill.errors import RunError
+
 log = logging.getLogger(__name__)
-
-
-class RunError(RuntimeError):
-    """A run that cannot go on; the message says why and what to change."""
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

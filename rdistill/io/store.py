@@ -6,6 +6,10 @@ Layout under a root (local path or any fsspec URL)::
     text_emb/text_emb_{i}.npy     (n_i, d) float16 or float32, row-aligned with img_emb_{i}
     metadata/metadata_{i}.parquet n_i rows, at least a key and a caption column
 
+as clip-retrieval's writer and LAION's published embeddings have it: ``{i}`` zero-padded to any width, with gaps
+where a partition came out empty, and metadata columns ``image_path``, ``caption`` and whatever the samples'
+JSON held (``key``, ``url``, ...). Parts with no rows are skipped and listed in ``empty_parts``.
+
 Opening checks everything that can be checked from headers (parts present in all three folders, row counts,
 dimensions, dtypes, metadata columns) and raises :class:`StoreError` naming the file. Reading seeks into each
 ``.npy`` so that only one block per modality is in memory at a time, whatever N is.
@@ -14,6 +18,7 @@ dimensions, dtypes, metadata columns) and raises :class:`StoreError` naming the 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import re
 import threading
@@ -25,13 +30,17 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
+from rdistill.errors import InputError
+
 log = logging.getLogger(__name__)
 
-_DIRS = {"img": ("img_emb", "img_emb_{}.npy"), "txt": ("text_emb", "text_emb_{}.npy")}
-_META = ("metadata", "metadata_{}.parquet")
+_FOLDERS = {"img": ("img_emb", "img_emb_"), "txt": ("text_emb", "text_emb_"), "meta": ("metadata", "metadata_")}
+_SUFFIX = {"img": ".npy", "txt": ".npy", "meta": ".parquet"}
+KEY_COLUMNS = ("key", "image_path")  # ours and img2dataset's, then clip-retrieval's own name
+CAPTION_COLUMNS = ("caption", "text")
 
 
-class StoreError(ValueError):
+class StoreError(InputError, ValueError):
     """An embedding store that cannot be read as asked; the message names the file."""
 
 
@@ -93,47 +102,74 @@ def _read_npy_header(fs, path: str) -> NpyPart:
     return NpyPart(path, int(shape[0]), int(shape[1]), np.dtype(dtype), offset)
 
 
-class EmbeddingStore:
-    """A validated embedding store. ``parts`` lists the parts in index order; ``num_rows`` and ``dim`` are global."""
+def _version(fs, info: dict) -> int | str | None:
+    """What changes when a file is rewritten: ``mtime_ns`` locally, else the backend's mtime or ETag."""
+    if "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
+        return os.stat(info["name"]).st_mtime_ns
+    for k in ("mtime", "LastModified", "last_modified", "updated", "ETag", "etag", "created"):
+        if info.get(k) is not None:
+            return str(info[k])
+    return None
 
-    def __init__(self, url: str, key_column: str = "key", caption_column: str = "caption"):
+
+class EmbeddingStore:
+    """A validated embedding store. ``parts`` lists the non-empty parts in index order; ``num_rows`` and ``dim``
+    are global; ``empty_parts`` names the parts that hold no rows (skipped).
+
+    Part files are matched by their number whatever its zero padding (``img_emb_7.npy``, ``img_emb_0007.npy``), and
+    numbers may have gaps (clip-retrieval writes nothing for an empty partition). ``key_column`` and
+    ``caption_column`` name the metadata columns; empty: the first of :data:`KEY_COLUMNS` / :data:`CAPTION_COLUMNS`
+    that the metadata has.
+    """
+
+    def __init__(self, url: str, key_column: str = "", caption_column: str = ""):
         self.url = str(url)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.root = self.root.rstrip("/")
-        self.key_column, self.caption_column = key_column, caption_column
         if not self.fs.exists(self.root):
             raise StoreError(f"{self.url}: embedding store not found")
-        found = {}
-        for name, (sub, pattern) in {**_DIRS, "meta": _META}.items():
-            regex = re.compile("^" + re.escape(pattern).replace(r"\{\}", r"(\d+)") + "$")
-            names = [p.rsplit("/", 1)[-1] for p in self.fs.glob(f"{self.root}/{sub}/*")]
-            found[name] = {int(m.group(1)) for m in map(regex.match, names) if m}
-        every = found["img"] | found["txt"] | found["meta"]
+        files = {name: self._list(name) for name in _FOLDERS}
+        every = set().union(*files.values())
         if not every:
             raise StoreError(
-                f"{self.url}: no parts found (expected img_emb/img_emb_0.npy, text_emb/text_emb_0.npy, "
-                "metadata/metadata_0.parquet)"
+                f"{self.url}: no parts found (expected img_emb/img_emb_N.npy, text_emb/text_emb_N.npy and "
+                "metadata/metadata_N.parquet)"
             )
-        for name, (sub, pattern) in {**_DIRS, "meta": _META}.items():
-            missing = sorted(every - found[name])
+        for name, (sub, prefix) in _FOLDERS.items():
+            missing = sorted(every - set(files[name]))
             if missing:
+                i = missing[0]
+                other = next(files[o][i] for o in _FOLDERS if i in files[o])
+                digits = re.search(r"_(\d+)\.\w+$", other["name"]).group(1)
                 more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
                 raise StoreError(
-                    f"{self._path(sub, pattern, missing[0])}: missing (the other folders have part {missing[0]}){more}"
+                    f"{self.root}/{sub}/{prefix}{digits}{_SUFFIX[name]}: missing (part {i} is in "
+                    f"{other['name']}){more}"
                 )
+        self.files = files
         self.parts: list[Part] = []
+        self.empty_parts: list[str] = []
+        self.key_column, self.caption_column = key_column, caption_column
         start = 0
         for i in sorted(every):
-            img = _read_npy_header(self.fs, self._path(*_DIRS["img"], i))
-            txt = _read_npy_header(self.fs, self._path(*_DIRS["txt"], i))
-            meta = self._path(*_META, i)
+            img = _read_npy_header(self.fs, files["img"][i]["name"])
+            txt = _read_npy_header(self.fs, files["txt"][i]["name"])
+            meta = files["meta"][i]["name"]
             if img.rows != txt.rows:
                 raise StoreError(f"{txt.path}: {txt.rows} rows but {img.path} has {img.rows}")
-            meta_rows = self._check_metadata(meta)
+            meta_rows, columns = self._metadata_header(meta)
             if meta_rows != img.rows:
                 raise StoreError(f"{meta}: {meta_rows} rows but {img.path} has {img.rows}")
+            if img.rows == 0:
+                self.empty_parts.append(img.path)
+                continue
+            self._check_columns(meta, columns)
             self.parts.append(Part(i, start, img.rows, img, txt, meta))
             start += img.rows
+        if self.empty_parts:
+            log.info("%s: %d empty parts skipped", self.url, len(self.empty_parts))
+        if not self.parts:
+            raise StoreError(f"{self.url}: the store holds no rows (all {len(self.empty_parts)} parts are empty)")
         self.num_rows = start
         first = self.parts[0]
         self.dim = first.img.dim
@@ -143,21 +179,60 @@ class EmbeddingStore:
                     raise StoreError(f"{arr.path}: dimension {arr.dim}, but {first.img.path} has {self.dim}")
         self.dtype = str(first.img.dtype)
 
-    def _path(self, sub: str, pattern: str, i: int) -> str:
-        return f"{self.root}/{sub}/{pattern.format(i)}"
+    def _list(self, name: str) -> dict[int, dict]:
+        """Part number -> fsspec info of the files of one folder, whatever the zero padding of the numbers."""
+        sub, prefix = _FOLDERS[name]
+        regex = re.compile("^" + re.escape(prefix) + r"(\d+)" + re.escape(_SUFFIX[name]) + "$")
+        try:
+            listing = self.fs.ls(f"{self.root}/{sub}", detail=True)
+        except FileNotFoundError:
+            return {}
+        found: dict[int, dict] = {}
+        for info in listing:
+            m = regex.match(info["name"].rstrip("/").rsplit("/", 1)[-1])
+            if m is None or info.get("type") == "directory":
+                continue
+            i = int(m.group(1))
+            if i in found:
+                raise StoreError(f"{info['name']}: part {i} appears twice (also {found[i]['name']})")
+            found[i] = info
+        return found
 
-    def _check_metadata(self, path: str) -> int:
+    def _metadata_header(self, path: str) -> tuple[int, list[str]]:
         try:
             with self.fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
-                names = set(pf.schema_arrow.names)
-                rows = pf.metadata.num_rows
+                return pf.metadata.num_rows, list(pf.schema_arrow.names)
         except Exception as e:  # pyarrow raises several types for a corrupt footer
             raise StoreError(f"{path}: not a readable parquet file ({e})") from None
-        for col in (self.key_column, self.caption_column):
-            if col not in names:
+
+    def _check_columns(self, path: str, names: list[str]) -> None:
+        """Fix the key and caption columns on the first non-empty part (auto-detected when not configured) and
+        check every part has them."""
+        for attr, candidates, key in (("key_column", KEY_COLUMNS, "embeddings.key_column"),
+                                      ("caption_column", CAPTION_COLUMNS, "embeddings.caption_column")):  # fmt: skip
+            col = getattr(self, attr)
+            if not col:
+                col = next((c for c in candidates if c in names), "")
+                if not col:
+                    raise StoreError(
+                        f"{path}: none of the columns {', '.join(candidates)} (columns: {', '.join(names)}); "
+                        f"set {key}"
+                    )
+                setattr(self, attr, col)
+            elif col not in names:
                 raise StoreError(f"{path}: no column {col!r} (columns: {', '.join(sorted(names))})")
-        return rows
+
+    def fingerprint(self) -> list[list]:
+        """``[relative path, size, version]`` of every part file (empty parts included): what a rerun compares to
+        notice a store rewritten in place. ``version`` is ``mtime_ns`` for local files, else the backend's
+        modification time or ETag."""
+        out = []
+        for name in _FOLDERS:
+            for i in sorted(self.files[name]):
+                info = self.files[name][i]
+                out.append([info["name"][len(self.root) + 1 :], int(info.get("size") or 0), _version(self.fs, info)])
+        return out
 
     def _read_rows(self, arr: NpyPart, r0: int, r1: int) -> np.ndarray:
         row_bytes = arr.dim * arr.dtype.itemsize

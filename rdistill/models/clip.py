@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rdistill.errors import InputError
+from rdistill.models.precision import torch_dtype
+
 log = logging.getLogger(__name__)
 
 TINY = "rdistill-tiny"
@@ -29,7 +32,7 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ModelError(ValueError):
+class ModelError(InputError, ValueError):
     """A model that cannot be resolved or loaded; the message names it."""
 
 
@@ -143,14 +146,6 @@ def build_tiny_clip():
         return open_clip.CLIP(**TINY_CLIP_CONFIG)
 
 
-def _dtype(precision: str, device: str):
-    import torch
-
-    if precision == "auto":
-        precision = "fp16" if device.startswith("cuda") else "fp32"
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-
-
 class ClipEncoder:
     """One loaded CLIP: uint8 crops and captions in, raw (un-normalised) float32 embeddings out."""
 
@@ -158,7 +153,7 @@ class ClipEncoder:
         import open_clip
         import torch
 
-        self.spec, self.device, self.dtype = spec, device, _dtype(precision, device)
+        self.spec, self.device, self.dtype = spec, device, torch_dtype(precision, device)
         if spec.model == TINY:
             model = build_tiny_clip()
             if spec.pretrained:

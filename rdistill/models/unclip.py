@@ -11,6 +11,9 @@ import json
 import logging
 from pathlib import Path
 
+from rdistill.errors import InputError
+from rdistill.models.precision import torch_dtype
+
 log = logging.getLogger(__name__)
 
 TINY = "rdistill-tiny"
@@ -19,7 +22,7 @@ TINY_SEED = 20260102
 TINY_MERGES = 2000  # BPE merges kept from open_clip's vocabulary file: a 2,514-token vocabulary
 
 
-class DecoderError(ValueError):
+class DecoderError(InputError, ValueError):
     """A decoder that cannot be loaded or does not fit the prototypes; the message names it."""
 
 
@@ -90,14 +93,6 @@ def build_tiny_unclip():
                                 prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1),
         vae=vae,
     )  # fmt: skip
-
-
-def torch_dtype(precision: str, device: str):
-    import torch
-
-    if precision == "auto":
-        precision = "fp16" if device.startswith("cuda") else "fp32"
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
 def load_unclip(model: str, device: str = "cpu", precision: str = "auto"):
