@@ -34,7 +34,7 @@ import numpy as np
 
 def _peak_mb() -> float:
     # VmHWM, not ru_maxrss: a spawned child's ru_maxrss starts from its parent's peak (inherited through exec)
-    from rdistill.io.outputs import peak_rss_mb
+    from rdistill.metrics import peak_rss_mb
 
     return peak_rss_mb()
 

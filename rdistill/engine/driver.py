@@ -1,411 +1,209 @@
-"""The PDS prototype engine over an embedding store, and its command line.
+"""The prototype engine's driver and its command line.
 
     python -m rdistill.prototypes --embeddings DIR --output DIR --num-pairs M [--config FILE] [--set key=value ...]
 
-Four streaming passes over the store (paper section 3.2, Algorithm 1 lines 1-6), memory bounded by the k-means
-sample, the M x d state and a few blocks, whatever N is:
-
-1. scan: L2-normalise, flag invalid rows (NaN/inf/zero), pair cosine per row (spilled to disk, 4 bytes a row), and
-   gather the k-means training sample; then the exact prune cut (:mod:`rdistill.core.prune`);
-2. assign: nearest image and text centroid of every kept pair (labels spilled, 8 bytes a row) and the sparse
-   contingency table; then the linear assignment;
-3. prototypes: means of the shared pairs of each planned cell;
-4. captions: the nearest real caption to each text prototype.
-
-Outputs in the output directory: ``prototypes.parquet``, ``summary.json``, ``config.yaml`` and the ``_SUCCESS``
-marker, each written atomically.
+Runs the passes of :mod:`rdistill.engine.passes` in order over the store, holding their results
+(:mod:`rdistill.engine.state`) and spilling per-row data to ``OUT/_work/``. Outputs in the output directory, each
+written atomically: ``prototypes.parquet``, ``summary.json``, ``config.yaml``, the run record ``prototypes.json``
+(the store's part files with their sizes and mtimes, the result-defining config) and the ``_SUCCESS`` marker.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import shutil
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
-from rdistill.algo.cells import CellMeans, cosine, plan_cells
-from rdistill.algo.kmeans import fit_kmeans, nearest_centroid
-from rdistill.algo.matching import Contingency, match_clusters
-from rdistill.algo.prune import find_prune_cut, pair_similarity
-from rdistill.algo.retrieval import NearestRows
-from rdistill.config import Config, ConfigError, config_to_dict, dump_config, load_config
-from rdistill.io.outputs import RunError, StepRecorder, atomic_path, atomic_write_json, atomic_write_text, progress
-from rdistill.io.store import Block, EmbeddingStore, StoreError
+from rdistill.cli import add_common_args, num_pairs_override, run_cli
+from rdistill.config import Config, dump_config
+from rdistill.engine import passes
+from rdistill.engine.state import Assigned, Captions, Clusters, Matched, Prototypes, Scanned
+from rdistill.io.outputs import (
+    SUCCESS,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    claim_output,
+    clear_output,
+    finished_summary,
+    lock_output,
+    require_finished,
+)
+from rdistill.io.store import EmbeddingStore
+from rdistill.metrics import StepRecorder
 
 log = logging.getLogger(__name__)
 
-SUCCESS = "_SUCCESS"
+RUN_FILE = "prototypes.json"
+WORK = "_work"
 
 
-def _unit_rows(x: np.ndarray, enabled: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Raw row norms of ``x`` (n, d) float32, and ``x`` L2-normalised *in place* when ``enabled`` (the caller owns
-    ``x``: a block fresh from the store or a masked copy). NaN/inf/zero rows are left to the caller's mask."""
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-    if enabled:
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            x /= np.where(norms > 0, norms, 1)[:, None]
-    return x, norms
+def open_store(embeddings: str, cfg: Config) -> EmbeddingStore:
+    return EmbeddingStore(embeddings, cfg.embeddings.key_column, cfg.embeddings.caption_column)
 
 
-def _flat_index(centroids: np.ndarray, gpu: bool) -> faiss.Index:
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    if gpu:
-        if not hasattr(faiss, "StandardGpuResources"):
-            raise ConfigError("cluster.gpu is true but this faiss has no GPU support (install faiss-gpu)")
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    return index
+def store_finished(store: EmbeddingStore) -> tuple[bool, str]:
+    """Whether a store is complete: one written by our embedding stage (``embed.json`` at its root) must have its
+    ``_SUCCESS``; stores from other writers carry no marker of ours and are taken as they are."""
+    fs, root = store.fs, store.root
+    if fs.exists(f"{root}/embed.json") and not fs.exists(f"{root}/{SUCCESS}"):
+        return False, "the embedding run that writes this store has not finished (no _SUCCESS)"
+    return True, ""
 
 
-class _Spill:
-    """Per-part arrays written to the work directory (row-aligned with the store's parts)."""
-
-    def __init__(self, root: Path, name: str):
-        self.root, self.name = root, name
-        self._part: int | None = None
-        self._chunks: list[np.ndarray] = []
-        self._cache: tuple[int, np.ndarray] | None = None
-
-    def path(self, part: int) -> Path:
-        return self.root / f"{self.name}_{part}.npy"
-
-    def append(self, part: int, values: np.ndarray) -> None:
-        if self._part is not None and part != self._part:
-            self.flush()
-        self._part = part
-        self._chunks.append(values)
-
-    def flush(self) -> None:
-        if self._part is None:
-            return
-        with atomic_path(self.path(self._part)) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, np.concatenate(self._chunks))
-        self._part, self._chunks = None, []
-
-    def read(self, part: int, r0: int, r1: int) -> np.ndarray:
-        if self._cache is None or self._cache[0] != part:
-            self._cache = (part, np.load(self.path(part), mmap_mode="r"))
-        return np.asarray(self._cache[1][r0:r1])
+def _clear(out: Path) -> None:
+    clear_output(out, (WORK,), ("prototypes.parquet", "summary.json", "config.yaml", RUN_FILE, SUCCESS))
 
 
-class _Run:
-    """One run of the engine: each method is one step, results kept as attributes for the next."""
-
-    def __init__(self, embeddings: str, out: Path, cfg: Config):
-        self.embeddings, self.out, self.cfg = str(embeddings), out, cfg
-        self.store = EmbeddingStore(embeddings, cfg.embeddings.key_column, cfg.embeddings.caption_column)
-        self.work = out / "_work"
-        shutil.rmtree(self.work, ignore_errors=True)
-        self.work.mkdir(parents=True)
-        self.rec = StepRecorder()
-        self.rng = np.random.default_rng(cfg.seed)
-        self.k = cfg.cluster.num_pairs
-        self.sims = _Spill(self.work, "sims")
-        self.labels = _Spill(self.work, "labels")
-        self.part_by_index = {p.index: p for p in self.store.parts}
-        prepared_bytes = self.store.num_rows * self.store.dim * 8
-        self._cache: list[Block] | None = [] if prepared_bytes <= cfg.embeddings.cache_gb * 2**30 else None
-
-    def blocks(self, step: str, *, img: bool = True):
-        """Prepared blocks under a progress bar named after the step: rows normalised in place (when
-        ``embeddings.normalize``) with their raw norms in ``img_norm``/``txt_norm``. When the prepared store fits in
-        ``embeddings.cache_gb`` the first pass keeps it and later passes read RAM instead of the store."""
-        normalize = self.cfg.embeddings.normalize
-        with progress(self.store.num_rows, step, self.cfg.progress) as bar:
-            if self._cache and step != "scan":
-                for b in self._cache:
-                    yield b
-                    bar.update(b.rows.size)
-                return
-            for b in self.store.iter_blocks(self.cfg.embeddings.block_rows, img=img):
-                if b.img is not None:
-                    b.img, b.img_norm = _unit_rows(b.img, normalize)
-                b.txt, b.txt_norm = _unit_rows(b.txt, normalize)
-                if step == "scan" and self._cache is not None:
-                    self._cache.append(b)
-                yield b
-                bar.update(b.rows.size)
-
-    def scan(self) -> None:
-        """Pass 1: validity, pair cosine (spilled), and an over-drawn k-means sample (float16 until pruned)."""
-        cfg, n = self.cfg, self.store.num_rows
-        self.sample_target = min(cfg.cluster.max_sample, cfg.cluster.points_per_centroid * self.k)
-        draw = math.ceil(self.sample_target / max(1.0 - cfg.prune.ratio, 0.01) * 1.1) + self.k
-        positions = np.sort(self.rng.choice(n, size=min(n, draw), replace=False)).astype(np.int64)
-        self.invalid_per_part: dict[str, int] = {}
-        smp_img, smp_txt, smp_sim = [], [], []
-        for b in self.blocks("scan"):
-            img, txt = b.img, b.txt
-            valid = np.isfinite(b.img_norm) & np.isfinite(b.txt_norm) & (b.img_norm > 0) & (b.txt_norm > 0)
-            if not valid.all():
-                self._count_invalid(b, valid)
-            sims = pair_similarity(img, txt)
-            sims[~valid] = np.nan
-            self.sims.append(b.part, sims)
-            lo, hi = np.searchsorted(positions, [b.start, b.start + b.rows.size])
-            local = positions[lo:hi] - b.start
-            smp_img.append(img[local].astype(np.float16))
-            smp_txt.append(txt[local].astype(np.float16))
-            smp_sim.append(sims[local])
-        self.sims.flush()
-        for path, count in self.invalid_per_part.items():
-            log.warning("%s: skipped %d invalid rows (NaN, infinite or zero vectors)", path, count)
-        self.n_invalid = sum(self.invalid_per_part.values())
-        self.n_valid = n - self.n_invalid
-        self._sample = (np.concatenate(smp_img), np.concatenate(smp_txt), np.concatenate(smp_sim), positions)
-
-    def _count_invalid(self, b, valid: np.ndarray) -> None:
-        part = self.part_by_index[b.part]
-        if self.cfg.embeddings.on_invalid == "error":
-            row = int(np.flatnonzero(~valid)[0]) + b.offset
-            raise StoreError(
-                f"{part.img.path} / {part.txt.path}: row {row} is NaN, infinite or zero "
-                "(embeddings.on_invalid=error; set it to skip to drop such rows)"
-            )
-        self.invalid_per_part[part.img.path] = self.invalid_per_part.get(part.img.path, 0) + int((~valid).sum())
-
-    def prune(self) -> None:
-        """The exact prune cut, then the k-means sample restricted to kept pairs."""
-
-        def sim_blocks():
-            for p in self.store.parts:
-                s = np.load(self.sims.path(p.index))
-                ok = ~np.isnan(s)
-                yield s[ok], (np.arange(p.rows, dtype=np.int64) + p.start)[ok]
-
-        cfg, k = self.cfg, self.k
-        self.cut = find_prune_cut(sim_blocks, self.n_valid, cfg.prune.ratio)
-        self.n_kept = self.n_valid - self.cut.n_drop
-        if k > self.n_kept:
-            raise RunError(
-                f"cluster.num_pairs={k} is larger than the {self.n_kept} pairs kept after pruning "
-                f"({self.store.num_rows} rows, {self.n_invalid} invalid, {self.cut.n_drop} pruned at "
-                f"prune.ratio={cfg.prune.ratio})"
-            )
-        img, txt, sims, rows = self._sample
-        ok = ~np.isnan(sims)
-        ok[ok] = self.cut.keep(sims[ok], rows[ok])
-        sel = np.flatnonzero(ok)
-        if sel.size > self.sample_target:
-            sel = np.sort(self.rng.choice(sel, size=self.sample_target, replace=False))
-        if sel.size < k:
-            raise RunError(
-                f"the k-means sample holds {sel.size} kept pairs, fewer than cluster.num_pairs={k}; raise "
-                "cluster.max_sample or cluster.points_per_centroid"
-            )
-        self._sample = (img[sel], txt[sel])
-        log.info(
-            "pruned %d of %d valid pairs (cut at cosine %.4f); k-means sample %d",
-            self.cut.n_drop,
-            self.n_valid,
-            self.cut.sim_cut,
-            sel.size,
-        )
-
-    def cluster(self) -> None:
-        cc = self.cfg.cluster
-        args = dict(
-            niter=cc.niter,
-            init=cc.init,
-            seed_points_per_centroid=cc.seed_points_per_centroid,
-            refine_rounds=cc.refine_rounds,
-            refine_niter=cc.refine_niter,
-            final_niter=cc.final_niter,
-            gpu=cc.gpu,
-        )
-        img, txt = self._sample
-        self.sample_size = img.shape[0]
-        self.img_centroids, self.img_km = fit_kmeans(img.astype(np.float32), self.k, seed=self.cfg.seed, **args)
-        self.txt_centroids, self.txt_km = fit_kmeans(txt.astype(np.float32), self.k, seed=self.cfg.seed + 1, **args)
-        del self._sample
-
-    def assign(self) -> None:
-        """Pass 2: nearest centroids of every kept pair (labels spilled, -1 when not kept), contingency table."""
-        k = self.k
-        img_index = _flat_index(self.img_centroids, self.cfg.cluster.gpu)
-        txt_index = _flat_index(self.txt_centroids, self.cfg.cluster.gpu)
-        self.contingency = Contingency(k)
-        self.img_sizes, self.txt_sizes = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64)
-        for b in self.blocks("assign"):
-            sims = self.sims.read(b.part, b.offset, b.offset + b.rows.size)
-            keep = ~np.isnan(sims)
-            keep[keep] = self.cut.keep(sims[keep], b.rows[keep])
-            labels = np.full((b.rows.size, 2), -1, dtype=np.int32)
-            if keep.any():
-                li, _ = nearest_centroid(b.img[keep], self.img_centroids, img_index)
-                lt, _ = nearest_centroid(b.txt[keep], self.txt_centroids, txt_index)
-                labels[keep, 0], labels[keep, 1] = li, lt
-                self.contingency.add(li, lt)
-                self.img_sizes += np.bincount(li, minlength=k)
-                self.txt_sizes += np.bincount(lt, minlength=k)
-            self.labels.append(b.part, labels)
-        self.labels.flush()
-
-    def match(self) -> None:
-        counts = self.contingency.to_sparse()
-        self.matching = match_clusters(
-            counts, self.img_centroids, self.txt_centroids, dense_max=self.cfg.match.dense_max
-        )
-        self.plan = plan_cells(counts, self.matching, self.cfg.prototypes.pairless)
-        log.info(
-            "matching (%s): %d shared pairs on the diagonal, %d pairless matches",
-            self.matching.solver,
-            self.matching.objective,
-            int((self.matching.shared == 0).sum()),
-        )
-
-    def prototypes(self) -> None:
-        """Pass 3: means of the shared pairs of each planned cell; pairless cells (policy keep) take the centres."""
-        plan = self.plan
-        means = CellMeans(plan, self.k, self.store.dim)
-        for b in self.blocks("prototypes"):
-            labels = self.labels.read(b.part, b.offset, b.offset + b.rows.size)
-            m = labels[:, 0] >= 0
-            if m.any():
-                means.add(b.img[m], b.txt[m], labels[m, 0], labels[m, 1], b.img_norm[m], b.txt_norm[m])
-        self.img_protos, self.txt_protos, self.img_norms, self.txt_norms = means.means()
-        self.shared = means.count
-        empty = self.shared == 0
-        if (empty & ~plan.pairless).any():
-            raise RunError("internal error: a planned cell with shared pairs received none in the prototype pass")
-        self.img_protos[empty] = self.img_centroids[plan.cells[empty, 0]]
-        self.txt_protos[empty] = self.txt_centroids[plan.cells[empty, 1]]
-        self.alignment = cosine(self.img_protos, self.txt_protos)
-
-    def captions(self) -> None:
-        """Pass 4: the nearest valid caption (cosine) of each text prototype, then its key and text."""
-        p = self.txt_protos.shape[0]
-        self.caption_rows = np.full(p, -1, dtype=np.int64)
-        self.caption_sim = np.full(p, np.nan, dtype=np.float32)
-        self.keys, self.caption_texts = [""] * p, [""] * p
-        if not self.cfg.captions.retrieve:
-            return
-        nearest = NearestRows(_unit_rows(self.txt_protos.copy())[0])
-        for b in self.blocks("captions", img=False):
-            ok = ~np.isnan(self.sims.read(b.part, b.offset, b.offset + b.rows.size))
-            txt = b.txt[ok] if self.cfg.embeddings.normalize else b.txt[ok] / b.txt_norm[ok, None]
-            nearest.add(txt, b.rows[ok])
-        self.caption_rows, self.caption_sim = nearest.best_row, nearest.best_score
-        self.keys, self.caption_texts = self.store.lookup(self.caption_rows)
-
-    def write(self) -> None:
-        """prototypes.parquet, sorted by alignment (best first); ids follow that order."""
-        order = np.argsort(-self.alignment, kind="stable")
-        cells = self.plan.cells[order]
-        table = pa.table(
-            {
-                "id": np.arange(order.size, dtype=np.int64),
-                "image_embedding": _vectors(self.img_protos[order]),
-                "text_embedding": _vectors(self.txt_protos[order]),
-                "caption": [self.caption_texts[i] for i in order],
-                "caption_key": [self.keys[i] for i in order],
-                "caption_row": self.caption_rows[order],
-                "caption_similarity": self.caption_sim[order],
-                "image_cluster": cells[:, 0],
-                "text_cluster": cells[:, 1],
-                "image_cluster_size": self.img_sizes[cells[:, 0]],
-                "text_cluster_size": self.txt_sizes[cells[:, 1]],
-                "shared_pairs": self.shared[order],
-                "alignment": self.alignment[order],
-                "pairless": self.plan.pairless[order],
-                "refilled": self.plan.refilled[order],
-                "image_norm": self.img_norms[order].astype(np.float32),
-                "text_norm": self.txt_norms[order].astype(np.float32),
-            }
-        )
-        with atomic_path(self.out / "prototypes.parquet") as tmp:
-            pq.write_table(table, tmp)
-
-    def summary(self, seconds: float) -> dict:
-        store, matching, plan = self.store, self.matching, self.plan
-        return {
-            "stage": "prototypes",
-            "input": {
-                "url": self.embeddings,
-                "parts": len(store.parts),
-                "rows": store.num_rows,
-                "dim": store.dim,
-                "dtype": store.dtype,
-            },
-            "counts": {
-                "rows": store.num_rows,
-                "invalid": self.n_invalid,
-                "invalid_per_part": self.invalid_per_part,
-                "valid": self.n_valid,
-                "pruned": self.cut.n_drop,
-                "kept": self.n_kept,
-                "kmeans_sample": self.sample_size,
-            },
-            "prune": {"ratio": self.cfg.prune.ratio, "cosine_cut": self.cut.sim_cut},
-            "kmeans": {"image": asdict(self.img_km), "text": asdict(self.txt_km)},
-            "clusters": {
-                "empty_image_clusters": int((self.img_sizes == 0).sum()),
-                "empty_text_clusters": int((self.txt_sizes == 0).sum()),
-            },
-            "match": {
-                "solver": matching.solver,
-                "lap_objective": matching.objective,
-                "shared_pair_share": matching.objective / max(self.n_kept, 1),
-                "pairless_matches": int((matching.shared == 0).sum()),
-            },
-            "prototypes": {
-                "count": int(plan.cells.shape[0]),
-                "pairless_policy": self.cfg.prototypes.pairless,
-                "pairless_kept": int(plan.pairless.sum()),
-                "refilled": int(plan.refilled.sum()),
-                "mean_alignment": float(self.alignment.mean()),
-            },
-            "steps": self.rec.steps,
-            "seconds": round(seconds, 3),
-        }
-
-
-STEPS = ("scan", "prune", "cluster", "assign", "match", "prototypes", "captions", "write")
-
-
-def run_prototypes(embeddings: str, output: str | Path, cfg: Config, *, overwrite: bool = False) -> dict:
+def run_prototypes(embeddings: str, output: str | Path, cfg: Config, *, overwrite: bool = False,
+                   allow_incomplete: bool = False) -> dict:  # fmt: skip
     """Run the engine from the store at ``embeddings`` into ``output``; returns the summary dict.
 
-    A finished run (``_SUCCESS``) with the same resolved config and input is not redone; one with another config
-    is refused unless ``overwrite``.
+    A finished run of the same store content and result-defining config is not redone (``resumed`` in the
+    summary); one made from another store content or config is refused unless ``overwrite``. A store of ours
+    whose embedding run has not finished is refused unless ``allow_incomplete``.
     """
     out = Path(output)
-    resolved = dump_config(cfg, "prototypes")
-    if (out / SUCCESS).exists() and not overwrite:
-        previous = (out / "config.yaml").read_text() if (out / "config.yaml").exists() else None
-        summary = json.loads((out / "summary.json").read_text())
-        if previous == resolved and summary.get("input", {}).get("url") == str(embeddings):
-            log.info("%s already holds a finished run with this config and input: nothing to do", out)
-            return {**summary, "resumed": True}
-        raise RunError(
-            f"{out} holds a finished run with another config or input: pass --overwrite or choose another --output"
-        )
+    with lock_output(out):
+        store = open_store(embeddings, cfg)
+        incomplete = require_finished(str(embeddings), *store_finished(store), allow_incomplete)
+        record = {"embeddings": str(embeddings), "input": store.fingerprint(),
+                  "config": yaml.safe_load(dump_config(cfg, "prototypes"))}  # fmt: skip
+        claim_output(out, RUN_FILE, record, ("input", "config"), overwrite, _clear,
+                     "prototypes of another store or config")  # fmt: skip
+        if finished := finished_summary(out, RUN_FILE, {"seconds": 0.0}, resumed=True):
+            return finished
+        (out / SUCCESS).unlink(missing_ok=True)
+        atomic_write_json(out / RUN_FILE, record)
+        summary = _run(store, out, cfg)
+        summary["input"]["incomplete"] = incomplete
+        atomic_write_text(out / "config.yaml", dump_config(cfg, "prototypes"))
+        atomic_write_json(out / "summary.json", summary)
+        shutil.rmtree(out / WORK, ignore_errors=True)
+        atomic_write_text(out / SUCCESS, "")
+        return summary
+
+
+def _run(store: EmbeddingStore, out: Path, cfg: Config) -> dict:
+    """The passes in order; returns the summary."""
     t_start = time.perf_counter()
-    run = _Run(embeddings, out, cfg)
-    (out / SUCCESS).unlink(missing_ok=True)
-    store = run.store
-    log.info("store %s: %d parts, %d rows, dim %d, %s", embeddings, len(store.parts), store.num_rows, store.dim,
-             store.dtype)  # fmt: skip
-    for step in STEPS:
-        with run.rec.step(step):
-            getattr(run, step)()
-    summary = run.summary(time.perf_counter() - t_start)
-    atomic_write_text(out / "config.yaml", resolved)
-    atomic_write_json(out / "summary.json", summary)
-    shutil.rmtree(run.work, ignore_errors=True)
-    atomic_write_text(out / SUCCESS, "")
+    work = out / WORK
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    log.info("store %s: %d parts (%d empty skipped), %d rows, dim %d, %s", store.url, len(store.parts),
+             len(store.empty_parts), store.num_rows, store.dim, store.dtype)  # fmt: skip
+    rec, rng = StepRecorder(), np.random.default_rng(cfg.seed)
+    source = passes.BlockSource(store, cfg)
+    sims, labels = passes.Spill(work, "sims"), passes.Spill(work, "labels")
+    with rec.step("scan"):
+        scanned = passes.scan(source, cfg, rng, sims)
+    with rec.step("prune"):
+        pruned = passes.prune(scanned, store, cfg, rng, sims)
+        del scanned.sample_img, scanned.sample_txt
+    with rec.step("cluster"):
+        clusters = passes.cluster(pruned, cfg)
+        del pruned.sample_img, pruned.sample_txt
+    with rec.step("assign"):
+        assigned = passes.assign(source, clusters, pruned, cfg, sims, labels)
+    with rec.step("match"):
+        matched = passes.match(assigned, clusters, cfg)
+    with rec.step("prototypes"):
+        protos = passes.prototypes(source, matched, clusters, cfg, labels)
+    with rec.step("captions"):
+        caps = passes.captions(source, protos, cfg, sims)
+    with rec.step("write"):
+        write_table(out / "prototypes.parquet", matched, assigned, protos, caps)
+    summary = _summary(out, store, cfg, scanned, pruned.cut, clusters, assigned, matched, protos)
+    summary["steps"] = rec.steps
+    summary["seconds"] = round(time.perf_counter() - t_start, 3)
     return summary
+
+
+def write_table(path: Path, matched: Matched, assigned: Assigned, protos: Prototypes, caps: Captions) -> None:
+    """prototypes.parquet, sorted by alignment (best first); ids follow that order."""
+    order = np.argsort(-protos.alignment, kind="stable")
+    plan = matched.plan
+    cells = plan.cells[order]
+    table = pa.table(
+        {
+            "id": np.arange(order.size, dtype=np.int64),
+            "image_embedding": _vectors(protos.img[order]),
+            "text_embedding": _vectors(protos.txt[order]),
+            "caption": [caps.texts[i] for i in order],
+            "caption_key": [caps.keys[i] for i in order],
+            "caption_row": caps.rows[order],
+            "caption_similarity": caps.similarity[order],
+            "image_cluster": cells[:, 0],
+            "text_cluster": cells[:, 1],
+            "image_cluster_size": assigned.img_sizes[cells[:, 0]],
+            "text_cluster_size": assigned.txt_sizes[cells[:, 1]],
+            "shared_pairs": protos.shared[order],
+            "alignment": protos.alignment[order],
+            "pairless": plan.pairless[order],
+            "refilled": plan.refilled[order],
+            "image_norm": protos.img_norms[order].astype(np.float32),
+            "text_norm": protos.txt_norms[order].astype(np.float32),
+        }
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _summary(out: Path, store: EmbeddingStore, cfg: Config, scanned: Scanned, cut, clusters: Clusters,
+             assigned: Assigned, matched: Matched, protos: Prototypes) -> dict:  # fmt: skip
+    matching, plan = matched.matching, matched.plan
+    n_kept = scanned.n_valid - cut.n_drop
+    return {
+        "stage": "prototypes",
+        "output": str(out),
+        "input": {
+            "url": store.url,
+            "parts": len(store.parts),
+            "empty_parts": store.empty_parts,
+            "rows": store.num_rows,
+            "dim": store.dim,
+            "dtype": store.dtype,
+            "key_column": store.key_column,
+            "caption_column": store.caption_column,
+        },
+        "counts": {
+            "rows": store.num_rows,
+            "invalid": scanned.n_invalid,
+            "invalid_per_part": scanned.invalid_per_part,
+            "valid": scanned.n_valid,
+            "pruned": cut.n_drop,
+            "kept": n_kept,
+            "kmeans_sample": clusters.sample_size,
+        },
+        "prune": {"ratio": cfg.prune.ratio, "cosine_cut": cut.sim_cut},
+        "kmeans": {"image": asdict(clusters.img_stats), "text": asdict(clusters.txt_stats)},
+        "clusters": {
+            "empty_image_clusters": int((assigned.img_sizes == 0).sum()),
+            "empty_text_clusters": int((assigned.txt_sizes == 0).sum()),
+        },
+        "match": {
+            "solver": matching.solver,
+            "lap_objective": matching.objective,
+            "shared_pair_share": matching.objective / max(n_kept, 1),
+            "pairless_matches": int((matching.shared == 0).sum()),
+        },
+        "prototypes": {
+            "count": int(plan.cells.shape[0]),
+            "pairless_policy": cfg.prototypes.pairless,
+            "pairless_kept": int(plan.pairless.sum()),
+            "refilled": int(plan.refilled.sum()),
+            "mean_alignment": float(protos.alignment.mean()),
+        },
+    }
 
 
 def _vectors(x: np.ndarray) -> pa.Array:
@@ -421,24 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", required=True, help="embedding store: local dir or fsspec URL")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--num-pairs", type=int, help="M, the number of prototypes (cluster.num_pairs)")
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set prune.ratio=0.3 (repeatable)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
-    p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    add_common_args(p)
     return p
 
 
-def print_summary(summary: dict, output: str | Path) -> None:
+def print_summary(summary: dict) -> None:
     c, pr = summary["counts"], summary["prototypes"]
-    print(f"prototypes: {pr['count']} written to {Path(output) / 'prototypes.parquet'}")
-    print(f"  rows {c['rows']}, invalid {c['invalid']}, pruned {c['pruned']}, kept {c['kept']}")
+    print(f"prototypes: {pr['count']} written to {Path(summary['output']) / 'prototypes.parquet'}"
+          + (" (finished before: nothing to do)" if summary.get("resumed") else ""))  # fmt: skip
+    empty = len(summary["input"].get("empty_parts", []))
+    print(f"  rows {c['rows']}, invalid {c['invalid']}, pruned {c['pruned']}, kept {c['kept']}"
+          + (f"; {empty} empty parts skipped" if empty else ""))  # fmt: skip
     print(
         f"  matching {summary['match']['solver']}: {summary['match']['lap_objective']} shared pairs "
         f"({summary['match']['shared_pair_share']:.1%} of kept), {summary['match']['pairless_matches']} pairless "
@@ -448,26 +239,12 @@ def print_summary(summary: dict, output: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    overrides = list(args.overrides)
-    if args.num_pairs is not None:
-        overrides.append(f"cluster.num_pairs={args.num_pairs}")
-    if args.quiet:
-        overrides.append("progress=false")
-    try:
-        cfg = load_config(args.config, overrides)
-        summary = run_prototypes(args.embeddings, args.output, cfg, overwrite=args.overwrite)
-    except (ConfigError, StoreError, RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print_summary(summary, args.output)
-    return 0
+    def run(args, cfg):
+        return run_prototypes(args.embeddings, args.output, cfg, overwrite=args.overwrite,
+                              allow_incomplete=args.allow_incomplete)  # fmt: skip
 
+    return run_cli(build_parser(), argv, run, print_summary, num_pairs_override)
 
-__all__ = ["run_prototypes", "main", "RunError", "config_to_dict"]
 
 if __name__ == "__main__":
     sys.exit(main())

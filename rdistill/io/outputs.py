@@ -1,14 +1,27 @@
-"""Small runtime helpers shared by the stages: atomic writes, per-step time and peak memory, progress bars."""
+"""Writing outputs safely: atomic files, done-markers, run records that notice changed input, and an output lock.
+
+* Every file is written to a temporary name beside its target, its data fsynced, renamed over the target, and
+  the directory fsynced; a done-marker is written the same way only after the files it vouches for, so after a
+  crash a marker never vouches for a truncated file. Files get the process umask's mode (0644 under the usual
+  umask 022), as ``open`` would give them: colleagues, web servers and pods running as other users can read them.
+* A stage records its input's fingerprint and its result-defining config in a run record (``embed.json``,
+  ``prototypes.json``, ``synthesize.json``). A rerun with the same record resumes; one whose input or config
+  changed is refused with a message naming what changed, unless ``--overwrite`` (then it is recomputed).
+* :func:`lock_output` takes an exclusive ``flock`` on the output directory for the whole run: a second driver on
+  the same output stops with a message instead of deleting the first one's work. The kernel releases the lock
+  when a process dies, so a killed run can be resumed at once.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
-import resource
-import sys
+import shutil
+import socket
 import tempfile
-import time
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,21 +29,73 @@ from rdistill.errors import RunError
 
 log = logging.getLogger(__name__)
 
+SUCCESS = "_SUCCESS"
+DONE = "_done"
+LOCK = ".rdistill.lock"
+FAULT_ENV = "RDISTILL_FAULT_KILL_AFTER"
+
+
+def umask() -> int:
+    """The process umask, read without changing it (``/proc``), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Move a fully written temporary file into place: fsync its data, give it the umask's mode, rename it over
+    ``path``, fsync the directory."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.fchmod(fd, 0o666 & ~umask())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yields a temporary path beside ``path``; published over ``path`` (:func:`publish`) when the block exits
+    without error, removed otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    """Write ``data`` to a temporary file beside ``path``, then :func:`publish` it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        publish(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -54,127 +119,146 @@ def _json_default(o):
 
 
 @contextmanager
-def atomic_path(path: str | Path):
-    """Yields a temporary path beside ``path``; renamed over ``path`` when the block exits without error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def lock_output(out: str | Path):
+    """Hold an exclusive lock on the output directory ``out`` (created if needed) while the block runs; a second
+    holder gets a :class:`RunError` naming the first one's pid and host."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _read_status_kb(field: str) -> int | None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunError(
+            f"{out} is in use by another rdistill run ({holder}): wait for it to finish, or choose another --output"
+        ) from None
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (since the last step reset where supported), MiB."""
-    kb = _read_status_kb("VmHWM")
-    if kb is None:
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kb / 1024
-
-
-class StepRecorder:
-    """Records wall time and peak RSS of named steps: ``with rec.step("cluster"): ...``."""
-
-    def __init__(self):
-        self.steps: dict[str, dict] = {}
-
-    @contextmanager
-    def step(self, name: str):
-        resettable = _reset_peak_rss()
-        t0 = time.perf_counter()
-        log.info("step %s: started", name)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield
-        seconds = time.perf_counter() - t0
-        self.steps[name] = {
-            "seconds": round(seconds, 3),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            "peak_is_per_step": resettable,
-        }
-        log.info("step %s: %.2f s, peak RSS %.0f MiB", name, seconds, self.steps[name]["peak_rss_mb"])
+    finally:
+        os.close(fd)
 
 
-def progress(total: int, desc: str, enabled: bool, unit: str = "rows"):
-    """A tqdm bar on stderr (or a no-op bar when disabled)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled, file=sys.stderr, leave=False)
-
-
-class RateMeter:
-    """Throughput of a stream of batches at the driver, overall and *steady* (from the first batch's arrival on,
-    so without the start-up of workers and models)."""
-
-    def __init__(self):
-        self.t0 = time.perf_counter()
-        self.first: tuple[float, int] | None = None
-        self.last, self.count = self.t0, 0
-
-    def tick(self, n: int) -> None:
-        self.last = time.perf_counter()
-        self.count += n
-        if self.first is None:
-            self.first = (self.last, self.count)
-
-    def steady(self) -> float | None:
-        if self.first is None or self.last <= self.first[0]:
-            return None
-        return round((self.count - self.first[1]) / (self.last - self.first[0]), 3)
+def clear_output(out: Path, dirs: Iterable[str], files: Iterable[str]) -> None:
+    """Remove a stage's outputs (the named folders and files of ``out``), never the lock."""
+    for name in dirs:
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in files:
+        (out / name).unlink(missing_ok=True)
 
 
-def claim_output(out: Path, run_file: str, record: dict, keys: tuple[str, ...], overwrite: bool, clear,
-                 holds: str) -> None:  # fmt: skip
-    """Make ``out`` a stage's output for the run described by ``record``: a previous run whose record agrees on
-    ``keys`` is resumed; one that differs is refused (the message says ``out`` holds ``holds``) unless
-    ``overwrite``, which first calls ``clear(out)``."""
+class DoneMarkers:
+    """One done-marker per unit of work (a part, a shard) in ``OUT/_done/{prefix}_{i}.json``. A unit counts as
+    done only when its marker exists and so do the files it vouches for."""
+
+    def __init__(self, out: Path, prefix: str):
+        self.dir, self.prefix = out / DONE, prefix
+
+    def path(self, i: int) -> Path:
+        return self.dir / f"{self.prefix}_{i}.json"
+
+    def load(self, units: Iterable[int], files: Callable[[int], Iterable[Path]]) -> dict[int, dict]:
+        done = {}
+        for i in units:
+            path = self.path(i)
+            if path.exists() and all(f.exists() for f in files(i)):
+                done[i] = json.loads(path.read_text())
+        return done
+
+    def mark(self, i: int, record: dict) -> None:
+        atomic_write_json(self.path(i), record)
+
+
+_FILE_KEYS = {"size", "version"}
+
+
+def _flatten(obj, prefix: str = "") -> dict:
+    """Nested dicts -> ``{"a.b": leaf}``; a file's ``{"size", "version"}`` is one leaf."""
+    if isinstance(obj, dict) and obj and not set(obj) <= _FILE_KEYS:
+        out = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def _change(old, new) -> str:
+    if isinstance(old, dict) and isinstance(new, dict) and set(old) | set(new) <= _FILE_KEYS:
+        size, mtime = f"{old.get('size')} -> {new.get('size')}", f"{old.get('version')} -> {new.get('version')}"
+        return f"rewritten (size {size}, mtime {mtime})"
+    return f"{old!r} -> {new!r}"
+
+
+def describe_changes(previous: dict, record: dict, keys: Iterable[str], limit: int = 3) -> str:
+    """What differs between two run records on ``keys``, e.g. ``config prune.ratio: 0.2 -> 0.3`` or ``input
+    img_emb/img_emb_3.npy: rewritten (...)``; empty when nothing does."""
+    per_key = []
+    for key in keys:
+        old, new = _flatten(previous.get(key)), _flatten(record.get(key))
+        changes = []
+        for name in sorted(set(old) | set(new), key=str):
+            if old.get(name) != new.get(name):
+                what = "added" if name not in old else "removed" if name not in new else _change(old[name], new[name])
+                changes.append(f"{key} {name}: {what}" if name else f"{key}: {what}")
+        per_key.append(changes)
+    firsts = [c[0] for c in per_key if c]  # every changed key is named, then more detail up to ``limit``
+    rest = [x for c in per_key for x in c[1:]]
+    shown = firsts + rest[: max(limit - len(firsts), 0)]
+    more = sum(map(len, per_key)) - len(shown)
+    return "; ".join(shown) + (f" (and {more} more)" if more else "")
+
+
+def claim_output(out: Path, run_file: str, record: dict, keys: tuple[str, ...], overwrite: bool,
+                 clear: Callable[[Path], None], holds: str) -> None:  # fmt: skip
+    """Make ``out`` the output of the run described by ``record``. The rule every stage follows:
+
+    * a previous run whose record agrees on ``keys`` (input fingerprint, result-defining config, ...) is resumed,
+      and skipped when finished, with or without ``overwrite``;
+    * one that differs is refused with a message naming what changed (``out`` holds ``holds``), unless
+      ``overwrite``, which first calls ``clear(out)`` so the result is recomputed from the new input.
+    """
     path = out / run_file
     if path.exists():
         previous = json.loads(path.read_text())
-        if {k: previous.get(k) for k in keys} == {k: record[k] for k in keys}:
+        changed = describe_changes(previous, record, keys)
+        if not changed:
             return
         if not overwrite:
-            raise RunError(f"{out} holds {holds}: pass --overwrite or choose another --output")
+            raise RunError(f"{out} holds {holds}; changed since: {changed}; pass --overwrite to recompute, or "
+                           "choose another --output")  # fmt: skip
+        log.warning("%s: recomputing, since %s", out, changed)
         clear(out)
     elif overwrite:
         clear(out)
 
 
+def require_finished(upstream: str, finished: bool, what: str, allow_incomplete: bool) -> bool:
+    """Refuse an upstream output of ours that has not finished (``what`` says what is missing), unless
+    ``allow_incomplete``; returns whether it is taken incomplete."""
+    if finished:
+        return False
+    if not allow_incomplete:
+        raise RunError(f"{upstream}: {what}: finish that run first, or pass --allow-incomplete to take it as it is")
+    log.warning("%s: %s; taken as it is (--allow-incomplete)", upstream, what)
+    return True
+
+
 def finished_summary(out: Path, run_file: str, this_run: dict, **fields) -> dict | None:
     """The saved summary of a complete stage output (``_SUCCESS``, run record), with ``this_run`` reporting no
     work; ``None`` when the output is not complete."""
-    if not ((out / "_SUCCESS").exists() and (out / run_file).exists() and (out / "summary.json").exists()):
+    if not ((out / SUCCESS).exists() and (out / run_file).exists() and (out / "summary.json").exists()):
         return None
     log.info("%s is complete: nothing to do", out)
     return {**json.loads((out / "summary.json").read_text()), **fields, "this_run": this_run}
 
 
-FAULT_ENV = "RDISTILL_FAULT_KILL_AFTER"
-
-
 def fault_point(stage: str, units_done: int) -> None:
     """Testing hook: with ``RDISTILL_FAULT_KILL_AFTER=stage:N`` in the environment, the process SIGKILLs itself
-    once ``stage`` has finished ``N`` units (parts, shards), to test resume after a hard kill at a known point."""
+    once ``stage`` has finished ``N`` units (parts, shards), to test resume after a hard kill at a known point.
+    ``stage.published:N`` kills after the N-th unit's files are in place but before its done-marker."""
     spec = os.environ.get(FAULT_ENV, "")
     if spec and spec == f"{stage}:{units_done}":
         log.warning("%s=%s: killing this process", FAULT_ENV, spec)

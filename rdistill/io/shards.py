@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 
 import fsspec
 
+from rdistill.errors import InputError
+
 log = logging.getLogger(__name__)
 
 _KEY_EXT = re.compile(r"^((?:.*/)?[^./][^/]*?)\.([^/]*)$")
 _SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
-class ShardSpecError(ValueError):
+class ShardSpecError(InputError, ValueError):
     """A shard spec that matches nothing, or cannot be listed."""
 
 
@@ -130,6 +132,8 @@ def iter_members(url: str, stats: ShardStats, retries: int = 3, backoff_s: float
             for item in _members(url, done):
                 done += 1
                 yield item
+            if done == 0:  # a well-formed tar with no members: what img2dataset writes when every download failed
+                stats.skipped["empty_shard"] += 1
             return
         except (tarfile.TarError, EOFError, UnicodeDecodeError) as e:
             if done == 0 and "empty file" in str(e):

@@ -18,7 +18,6 @@ dimensions, dtypes, metadata columns) and raises :class:`StoreError` naming the 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import re
 import threading
@@ -31,6 +30,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from rdistill.errors import InputError
+from rdistill.io.fingerprint import file_version
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +100,6 @@ def _read_npy_header(fs, path: str) -> NpyPart:
     if dtype not in (np.float16, np.float32):
         raise StoreError(f"{path}: dtype {dtype} not supported (float16 or float32)")
     return NpyPart(path, int(shape[0]), int(shape[1]), np.dtype(dtype), offset)
-
-
-def _version(fs, info: dict) -> int | str | None:
-    """What changes when a file is rewritten: ``mtime_ns`` locally, else the backend's mtime or ETag."""
-    if "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
-        return os.stat(info["name"]).st_mtime_ns
-    for k in ("mtime", "LastModified", "last_modified", "updated", "ETag", "etag", "created"):
-        if info.get(k) is not None:
-            return str(info[k])
-    return None
 
 
 class EmbeddingStore:
@@ -216,22 +206,22 @@ class EmbeddingStore:
                 col = next((c for c in candidates if c in names), "")
                 if not col:
                     raise StoreError(
-                        f"{path}: none of the columns {', '.join(candidates)} (columns: {', '.join(names)}); "
-                        f"set {key}"
+                        f"{path}: none of the columns {', '.join(candidates)} (columns: {', '.join(names)}); set {key}"
                     )
                 setattr(self, attr, col)
             elif col not in names:
                 raise StoreError(f"{path}: no column {col!r} (columns: {', '.join(sorted(names))})")
 
-    def fingerprint(self) -> list[list]:
-        """``[relative path, size, version]`` of every part file (empty parts included): what a rerun compares to
-        notice a store rewritten in place. ``version`` is ``mtime_ns`` for local files, else the backend's
-        modification time or ETag."""
-        out = []
+    def fingerprint(self) -> dict[str, dict]:
+        """``relative path -> {"size", "version"}`` of every part file (empty parts included): what a rerun
+        compares to notice a store rewritten in place. ``version`` is ``mtime_ns`` for local files, else the
+        backend's modification time or ETag."""
+        out = {}
         for name in _FOLDERS:
             for i in sorted(self.files[name]):
                 info = self.files[name][i]
-                out.append([info["name"][len(self.root) + 1 :], int(info.get("size") or 0), _version(self.fs, info)])
+                rel = info["name"][len(self.root) + 1 :]
+                out[rel] = {"size": int(info.get("size") or 0), "version": file_version(self.fs, info)}
         return out
 
     def _read_rows(self, arr: NpyPart, r0: int, r1: int) -> np.ndarray:

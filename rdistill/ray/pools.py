@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from rdistill.config import ConfigError, PoolConfig, RayConfig
-from rdistill.io.outputs import RunError
+from rdistill.errors import InputError, RunError
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +102,21 @@ def reader_task_args(num_cpus: float, plan: PoolPlan) -> dict:
     return {"num_cpus": num_cpus}
 
 
-def unwrap_error(e: BaseException) -> str:
-    """The innermost user-facing message of an exception raised through Ray tasks and actors."""
-    cause = e
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    text = str(cause).strip().splitlines()
-    return text[-1] if text else type(cause).__name__
+def input_error_in(e: BaseException) -> InputError | None:
+    """The :class:`InputError` an exception raised through Ray tasks and actors carries (Ray re-raises a task's
+    error as an instance of its class, chained under its own wrappers), or ``None`` when it is no bad input."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, InputError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(e).__name__
 
 
 def start_pool(rc: RayConfig, pool: PoolConfig, section: str) -> PoolPlan:
@@ -121,14 +129,18 @@ def start_pool(rc: RayConfig, pool: PoolConfig, section: str) -> PoolPlan:
 
 
 def drain(ds, sink, stage: str) -> float:
-    """Feed every output batch of ``ds`` (numpy format, in order) to ``sink``; returns the seconds it took. An
-    error raised in a task or actor becomes a RunError naming ``stage`` and the innermost message."""
+    """Feed every output batch of ``ds`` (numpy format, in order) to ``sink``; returns the seconds it took. Bad
+    input met in a task or actor (an :class:`InputError` there) becomes a RunError naming ``stage``; anything
+    else is a bug and propagates with its traceback."""
     t0 = time.perf_counter()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             sink(batch)
-    except RunError:
+    except InputError:
         raise
     except Exception as e:
-        raise RunError(f"{stage} stage failed: {unwrap_error(e)}") from e
+        cause = input_error_in(e)
+        if cause is None:
+            raise
+        raise RunError(f"{stage} stage failed: {_first_line(cause)}") from e
     return time.perf_counter() - t0

@@ -21,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from rdistill.cli import add_common_args, run_cli
+from rdistill.cli import add_common_args, num_pairs_override, run_cli
 from rdistill.config import Config
-from rdistill.io.outputs import RunError, atomic_write_json
+from rdistill.errors import RunError
+from rdistill.io.outputs import atomic_write_json, atomic_write_text, lock_output
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +39,22 @@ def _stage(name: str, fn, what) -> tuple[dict, dict]:
 
 
 def run_pds(cfg: Config, output: str | Path, *, input_spec: str = "", embeddings: str = "",
-            overwrite: bool = False) -> dict:  # fmt: skip
-    """Run the job into ``output``; returns the job summary (also written to ``output/summary.json``)."""
-    from rdistill.engine.driver import run_prototypes
+            overwrite: bool = False, allow_incomplete: bool = False) -> dict:  # fmt: skip
+    """Run the job into ``output``; returns the job summary (also written to ``output/summary.json``).
+
+    ``overwrite`` and ``allow_incomplete`` apply to every stage (:func:`rdistill.io.outputs.claim_output`)."""
+    out = Path(output)
+    with lock_output(out):
+        return _run_pds(cfg, out, input_spec, embeddings, overwrite, allow_incomplete)
+
+
+def _run_pds(cfg: Config, out: Path, input_spec: str, embeddings: str, overwrite: bool,
+             allow_incomplete: bool) -> dict:  # fmt: skip
+    from rdistill.engine import run_prototypes
     from rdistill.stages.embed.driver import run_embed
     from rdistill.stages.report import write_report
     from rdistill.stages.synthesize.driver import run_synthesize
 
-    out = Path(output)
     input_spec = input_spec or cfg.job.input
     embeddings = embeddings or cfg.job.embeddings
     if input_spec and embeddings:
@@ -64,15 +73,18 @@ def run_pds(cfg: Config, output: str | Path, *, input_spec: str = "", embeddings
         embeddings = str(out / "embeddings")
     protos, stages["prototypes"] = _stage(
         "prototypes",
-        lambda: run_prototypes(embeddings, out / "prototypes", cfg, overwrite=overwrite),
-        lambda s: ("skipped (done)" if s.get("resumed") else "ran", f"{s['prototypes']['count']} prototypes"),
+        lambda: run_prototypes(
+            embeddings, out / "prototypes", cfg, overwrite=overwrite, allow_incomplete=allow_incomplete
+        ),
+        _prototypes_what,
     )
     summary["prototypes"] = protos
     distilled = None
     if cfg.job.synthesize:
         syn, stages["synthesize"] = _stage(
             "synthesize",
-            lambda: run_synthesize(out / "prototypes", out / "distilled", cfg, overwrite=overwrite),
+            lambda: run_synthesize(out / "prototypes", out / "distilled", cfg, overwrite=overwrite,
+                                   allow_incomplete=allow_incomplete),
             lambda s: ("skipped (done)" if not s["this_run"]["images"] else "ran",
                        f"{s['images']} images, {s['this_run']['images']} this run"
                        + (f" at {s['this_run']['images_per_s']:.2f} images/s" if s["this_run"]["images_per_s"]
@@ -87,16 +99,21 @@ def run_pds(cfg: Config, output: str | Path, *, input_spec: str = "", embeddings
 
 
 def _embed_what(s: dict) -> tuple[str, str]:
-    skipped = sum(s["counts"]["skipped"].values())
+    skipped = ", ".join(f"{v} {k}" for k, v in s["counts"]["skipped"].items())
     status = "ran" if s["parts_this_run"] else "skipped (done)"
     rate = f" at {s['this_run']['samples_per_s']:.0f} samples/s" if s["this_run"]["samples_per_s"] else ""
-    return status, f"{s['counts']['samples']} samples, {skipped} skipped{rate}"
+    return status, f"{s['counts']['samples']} samples, skipped: {skipped or 'none'}{rate}"
+
+
+def _prototypes_what(s: dict) -> tuple[str, str]:
+    empty = len(s["input"].get("empty_parts", []))
+    what = f"{s['prototypes']['count']} prototypes" + (f", {empty} empty parts skipped" if empty else "")
+    return ("skipped (done)" if s.get("resumed") else "ran"), what
 
 
 def _toy_input(out: Path, cfg: Config) -> Path:
     """The demo's shards of real images, generated once into ``out/toy-shards`` (deterministic in the seed)."""
     from rdistill.dev.toydata import write_toy_shards
-    from rdistill.io.outputs import atomic_write_text
 
     root = out / "toy-shards"
     if not (root / "_SUCCESS").exists():
@@ -125,10 +142,10 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     def run(args, cfg):
-        return run_pds(cfg, args.output, input_spec=args.input, embeddings=args.embeddings, overwrite=args.overwrite)
+        return run_pds(cfg, args.output, input_spec=args.input, embeddings=args.embeddings, overwrite=args.overwrite,
+                       allow_incomplete=args.allow_incomplete)  # fmt: skip
 
-    num_pairs = lambda args: [] if args.num_pairs is None else [f"cluster.num_pairs={args.num_pairs}"]  # noqa: E731
-    return run_cli(build_parser(), argv, run, print_summary, num_pairs)
+    return run_cli(build_parser(), argv, run, print_summary, num_pairs_override)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 
 from rdistill.config import load_config
 from rdistill.dev.toydata import toy_samples, write_tar
+from rdistill.errors import InputError
 from rdistill.io.shards import decode_image
 from rdistill.io.store import EmbeddingStore
 from rdistill.models.clip import ClipEncoder, crop_transform, resolve_clip
@@ -136,12 +137,12 @@ def test_changed_model_or_shards_refused_without_overwrite(messy_shards, embedde
 
 
 def test_bad_input_and_model_errors_name_the_value(tmp_path):
-    with pytest.raises(RunError, match="no such file"):
+    with pytest.raises(InputError, match="no such file"):
         run_embed(str(tmp_path / "nowhere"), tmp_path / "o", _cfg())
     write_tar(tmp_path / "s.tar", toy_samples(2))
-    with pytest.raises(RunError, match="unknown open_clip model 'ViT-Q-99'"):
+    with pytest.raises(InputError, match="unknown open_clip model 'ViT-Q-99'"):
         run_embed(str(tmp_path / "s.tar"), tmp_path / "o", _cfg("embed.model=ViT-Q-99"))
-    with pytest.raises(RunError, match="'laion9b' is neither a pretrained tag of ViT-B-32"):
+    with pytest.raises(InputError, match="'laion9b' is neither a pretrained tag of ViT-B-32"):
         run_embed(str(tmp_path / "s.tar"), tmp_path / "o", _cfg("embed.model=ViT-B-32", "embed.pretrained=laion9b"))
 
 

@@ -119,6 +119,9 @@ def test_demo_job_under_ray_job_submit_then_kill_mid_synthesis_and_resubmit(head
     assert len(images) == m and all(im.std() > 0 for im in images.values())  # no blank (NaN-conditioned) image
     report = (full / "report.html").read_text()
     assert report.count("<svg") == 2 and report.count("<figure>") == m and "Prototype alignment" in report
+    # every file and folder the job wrote is readable by other users (the umask's modes, not mkstemp's 0600)
+    unreadable = [p for p in full.rglob("*") if p.stat().st_mode & (0o055 if p.is_dir() else 0o044) == 0]
+    assert not unreadable and not list(full.rglob(".*.tmp"))
 
     # a second job dies (SIGKILL of its driver) after the first synthesized shard; a third resumes it
     cut = tmp_path / "cut"

@@ -10,7 +10,8 @@ import yaml
 
 from rdistill.config import load_config
 from rdistill.dev.planted import score_recovery
-from rdistill.engine.driver import RunError, main, run_prototypes
+from rdistill.engine.driver import main, run_prototypes
+from rdistill.errors import RunError
 from rdistill.io.store import StoreError
 from tests.conftest import read_vectors
 
@@ -155,7 +156,8 @@ def test_cli_rerun_skips_and_refuses_other_config(planted_store, tmp_path, capsy
     assert main(args) == 0
     assert (tmp_path / "out" / "prototypes.parquet").stat().st_mtime_ns == mtime
     assert main([*args, "--set", "prune.ratio=0.3"]) == 2
-    assert "another config" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "changed since: config prune.ratio: 0.2 -> 0.3; pass --overwrite" in err and "Traceback" not in err
     assert main([*args, "--set", "prune.ratio=0.3", "--overwrite"]) == 0
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from rdistill.config import load_config
 from rdistill.engine.driver import run_prototypes
-from rdistill.io.outputs import RunError
+from rdistill.errors import RunError
 from rdistill.stages.synthesize.driver import run_synthesize
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,12 +9,14 @@ Ray Data reads and decodes the shards in CPU tasks and streams them through a fi
     DIR/img_emb/img_emb_{i}.npy      (n, d) float16, raw image embeddings (not normalised)
     DIR/text_emb/text_emb_{i}.npy    (n, d) float16, raw text embeddings
     DIR/metadata/metadata_{i}.parquet key, caption, shard, index (row-aligned with the two arrays)
-    DIR/_done/part_{i}.json          the shard's counts and timing; written last
-    DIR/embed.json                   input shards, model name, tag, dim, preprocessing; DIR/summary.json
+    DIR/_done/part_{i}.json          the shard's counts and timing; written after the part's files
+    DIR/embed.json                   the run record: input shards with their sizes and mtimes, model name, tag, dim,
+                                     preprocessing, result-defining config; DIR/summary.json
 
 Part ``i`` holds the samples of the ``i``-th shard of the sorted shard list, in tar order. Vectors are stored raw
 so that their norms, which the unCLIP decoder was trained on, survive; the prototype engine normalises on read.
-A rerun embeds only the shards without a done-marker.
+A rerun embeds only the shards without a done-marker; shards changed since the last run (size or mtime), another
+model or config are refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from collections import Counter
@@ -31,29 +32,33 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from rdistill.cli import add_common_args, run_cli
 from rdistill.config import Config, dump_config
+from rdistill.errors import RunError
+from rdistill.io.fingerprint import fingerprint_urls
 from rdistill.io.outputs import (
-    RateMeter,
-    RunError,
+    SUCCESS,
+    DoneMarkers,
     atomic_path,
     atomic_write_json,
     atomic_write_text,
     claim_output,
-    fault_point,
+    clear_output,
     finished_summary,
-    progress,
+    lock_output,
 )
-from rdistill.io.shards import SampleFormat, ShardSpecError, resolve_shards
-from rdistill.models.clip import ClipSpec, ModelError, resolve_clip
+from rdistill.io.shards import SampleFormat, resolve_shards
+from rdistill.metrics import progress
+from rdistill.models.clip import ClipSpec, resolve_clip
 from rdistill.stages.embed.worker import ClipEmbedder, read_shards
+from rdistill.stages.parts import PartAssembler
 
 log = logging.getLogger(__name__)
 
-SUCCESS = "_SUCCESS"
-DONE = "_done"
 RUN_FILE = "embed.json"
+FOLDERS = ("img_emb", "text_emb", "metadata")
 
 
 def _part_paths(out: Path, i: int) -> dict[str, Path]:
@@ -61,7 +66,6 @@ def _part_paths(out: Path, i: int) -> dict[str, Path]:
         "img": out / "img_emb" / f"img_emb_{i}.npy",
         "txt": out / "text_emb" / f"text_emb_{i}.npy",
         "meta": out / "metadata" / f"metadata_{i}.parquet",
-        "done": out / DONE / f"part_{i}.json",
     }
 
 
@@ -73,106 +77,70 @@ def _save_npy(path: Path, x: np.ndarray) -> None:
 _COLUMNS = ("index", "key", "caption", "img_emb", "txt_emb")
 
 
-def _empty_block(dim: int) -> dict:
-    obj = np.zeros(0, dtype=object)
-    return {"index": np.zeros(0, np.int64), "key": obj, "caption": obj,
-            "img_emb": np.zeros((0, dim), np.float16), "txt_emb": np.zeros((0, dim), np.float16)}  # fmt: skip
-
-
-class _Assembler:
-    """Collects pool output per part; writes a part once its end row arrives and every row is there."""
+class _PartWriter:
+    """Turns the pool's output batches into rows per part for the :class:`PartAssembler`, and writes a complete
+    part: the two arrays and the metadata, each published atomically."""
 
     def __init__(self, out: Path, shards: list[str], dim: int, bar):
         self.out, self.shards, self.dim, self.bar = out, shards, dim, bar
-        self.open: dict[int, list[dict]] = {}  # part -> blocks of its rows received so far
-        self.done: list[dict] = []
-        self.rate = RateMeter()
-        self.failed: list[str] = []
-        self.samples = 0
+        self.info: dict[int, dict] = {}
+        self.asm = PartAssembler("embed", DoneMarkers(out, "part"), self.write, lambda p: f"part {p} ({shards[p]})")
 
     def add(self, batch: dict) -> None:
         end = np.asarray(batch["end"], dtype=bool)
-        self.rate.tick(int((~end).sum()))
         parts = np.asarray(batch["part"])
         for p in np.unique(parts).tolist():
             m = parts == p
             live = m & ~end
-            blocks = self.open.setdefault(p, [])
             if live.any():
-                blocks.append({k: np.asarray(batch[k])[live] for k in _COLUMNS})
+                cols = {k: np.asarray(batch[k])[live] for k in _COLUMNS}
+                self.asm.add(p, {"pos": cols.pop("index"), **cols})
             ends = np.flatnonzero(m & end)
             if len(ends):
                 info = json.loads(batch["info"][ends[0]])
-                self._finish(p, self.open.pop(p), int(batch["index"][ends[0]]), info)
+                self.info[p] = info
+                self.asm.end(p, int(batch["index"][ends[0]]), info["error"])
+                self.bar.update(1)
+                self.bar.set_postfix(samples=self.asm.rows, refresh=False)
 
-    def _finish(self, p: int, blocks: list[dict], expected: int, info: dict) -> None:
-        if info["error"]:
-            self.failed.append(info["error"])
-            log.error("part %d: %s", p, info["error"])
-            self.bar.update(1)
-            return
-        blocks = blocks or [_empty_block(self.dim)]
-        cols = {k: np.concatenate([b[k] for b in blocks]) for k in _COLUMNS}
-        if len(cols["index"]) != expected:
-            raise RunError(
-                f"part {p} ({self.shards[p]}): {len(cols['index'])} rows arrived, the reader sent {expected}"
-            )
-        order = np.argsort(cols["index"], kind="stable")
-        cols = {k: v[order] for k, v in cols.items()}
-        if not np.array_equal(cols["index"], np.arange(expected)):
-            raise RunError(f"part {p} ({self.shards[p]}): rows arrived with gaps or duplicates")
+    def write(self, p: int, cols: dict) -> dict:
+        n, info = len(cols["pos"]), self.info[p]
         paths = _part_paths(self.out, p)
+        key = cols.get("key", np.zeros(0, dtype=object))
+        caption = cols.get("caption", np.zeros(0, dtype=object))
         table = pa.table({
-            "key": pa.array([str(k) for k in cols["key"]], pa.string()),
-            "caption": pa.array([str(c) for c in cols["caption"]], pa.string()),
-            "shard": pa.array([self.shards[p]] * expected, pa.string()),
-            "index": pa.array(cols["index"]),
+            "key": pa.array([str(k) for k in key], pa.string()),
+            "caption": pa.array([str(c) for c in caption], pa.string()),
+            "shard": pa.array([self.shards[p]] * n, pa.string()),
+            "index": pa.array(np.asarray(cols["pos"], dtype=np.int64)),
         })  # fmt: skip
-        img, txt = cols["img_emb"], cols["txt_emb"]
-        _save_npy(paths["img"], np.ascontiguousarray(img, dtype=np.float16))
-        _save_npy(paths["txt"], np.ascontiguousarray(txt, dtype=np.float16))
+        empty = np.zeros((0, self.dim), np.float16)
+        _save_npy(paths["img"], np.ascontiguousarray(cols.get("img_emb", empty), dtype=np.float16))
+        _save_npy(paths["txt"], np.ascontiguousarray(cols.get("txt_emb", empty), dtype=np.float16))
         with atomic_path(paths["meta"]) as tmp:
             pq.write_table(table, tmp)
         seconds = max(time.time() - info["started"], 1e-9)
-        record = {
+        return {
             "part": p,
             "shard": self.shards[p],
-            "samples": expected,
+            "samples": n,
             "skipped": info["skipped"],
             "retries": info["retries"],
             "read_seconds": round(info["read_seconds"], 3),
             "seconds": round(seconds, 3),
-            "samples_per_s": round(expected / seconds, 1),
+            "samples_per_s": round(n / seconds, 1),
             "finished": time.time(),
         }
-        atomic_write_json(paths["done"], record)
-        self.done.append(record)
-        self.samples += expected
-        self.bar.update(1)
-        self.bar.set_postfix(samples=self.samples, refresh=False)
-        fault_point("embed", len(self.done))
-
-
-def _load_done(out: Path, n: int) -> dict[int, dict]:
-    done = {}
-    for i in range(n):
-        path = _part_paths(out, i)["done"]
-        if path.exists():
-            done[i] = json.loads(path.read_text())
-    return done
 
 
 def _clear(out: Path) -> None:
-    for name in ("img_emb", "text_emb", "metadata", DONE):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in (SUCCESS, "summary.json", RUN_FILE, "config.yaml"):
-        (out / name).unlink(missing_ok=True)
+    clear_output(out, (*FOLDERS, "_done"), (SUCCESS, "summary.json", RUN_FILE, "config.yaml"))
 
 
 def _run_record(input_spec: str, shards: list[str], spec: ClipSpec, cfg: Config) -> dict:
     return {
-        "input": input_spec,
-        "shards": shards,
+        "input_spec": input_spec,
+        "input": fingerprint_urls(shards),
         "model": {
             "name": spec.model,
             "pretrained": spec.pretrained,
@@ -184,37 +152,40 @@ def _run_record(input_spec: str, shards: list[str], spec: ClipSpec, cfg: Config)
             "resize_mode": spec.resize_mode,
         },
         "vectors": {"dtype": "float16", "normalized": False},
-        "config": dump_config(cfg, "embed"),
+        "config": yaml.safe_load(dump_config(cfg, "embed")),
     }
 
 
 def run_embed(input_spec: str, output: str | Path, cfg: Config, *, overwrite: bool = False) -> dict:
     """Embed the shards matched by ``input_spec`` into the store at ``output``; returns the summary dict.
 
-    Parts already done are kept; a store made from other shards or another model/config is refused unless
-    ``overwrite`` (which deletes it first).
+    Parts already done are kept; a store made from other shards (or shards changed since), another model or
+    result-defining config is refused unless ``overwrite``, which recomputes it.
     """
+    out = Path(output)
+    with lock_output(out):
+        return _run_embed(input_spec, out, cfg, overwrite)
+
+
+def _run_embed(input_spec: str, out: Path, cfg: Config, overwrite: bool) -> dict:
     import ray
 
     from rdistill.ray.pools import actor_pool_args, drain, reader_task_args, start_pool
 
-    out = Path(output)
-    try:
-        shards = resolve_shards(input_spec)
-        spec = resolve_clip(cfg.embed.model, cfg.embed.pretrained)
-    except (ShardSpecError, ModelError) as e:
-        raise RunError(str(e)) from None
+    shards = resolve_shards(input_spec)
+    spec = resolve_clip(cfg.embed.model, cfg.embed.pretrained)
     record = _run_record(input_spec, shards, spec, cfg)
-    claim_output(out, RUN_FILE, record, ("shards", "model", "config"), overwrite, _clear,
+    claim_output(out, RUN_FILE, record, ("input", "model", "config"), overwrite, _clear,
                  "embeddings of other shards, another model or config")  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    done = _load_done(out, len(shards))
+    markers = DoneMarkers(out, "part")
+    done = markers.load(range(len(shards)), lambda i: _part_paths(out, i).values())
     pending = [i for i in range(len(shards)) if i not in done]
     idle = {"samples": 0, "seconds": 0.0, "samples_per_s": None}
     if not pending and (finished := finished_summary(out, RUN_FILE, idle, parts_this_run=0)):
         return finished
+    (out / SUCCESS).unlink(missing_ok=True)
     atomic_write_json(out / RUN_FILE, record)
-    atomic_write_text(out / "config.yaml", record["config"])
+    atomic_write_text(out / "config.yaml", dump_config(cfg, "embed"))
     log.info("embed: %d shards, %d done, %d to embed with %s/%s (dim %d)", len(shards), len(done), len(pending),
              spec.model, spec.pretrained or "random", spec.embed_dim)  # fmt: skip
     plan, new, failed, wall, steady = None, [], [], 0.0, None
@@ -239,13 +210,14 @@ def run_embed(input_spec: str, output: str | Path, cfg: Config, *, overwrite: bo
             **actor_pool_args(plan),
         )
         with progress(len(pending), "embed", cfg.progress, unit="shards") as bar:
-            asm = _Assembler(out, shards, spec.embed_dim, bar)
-            wall = drain(ds, asm.add, "embedding")
+            writer = _PartWriter(out, shards, spec.embed_dim, bar)
+            wall = drain(ds, writer.add, "embedding")
+        asm = writer.asm
         new, failed, steady = asm.done, asm.failed, asm.rate.steady()
         if asm.open:
-            raise RunError(f"parts {sorted(asm.open)} never received their end row")
+            raise RuntimeError(f"parts {sorted(asm.open)} never received their end row")
     done.update({r["part"]: r for r in new})
-    summary = _summary(input_spec, out, record, done, new, failed, wall, plan)
+    summary = _summary(input_spec, out, record, len(shards), done, new, failed, wall, plan)
     summary["this_run"]["steady_samples_per_s"] = steady
     atomic_write_json(out / "summary.json", summary)
     if failed:
@@ -255,7 +227,7 @@ def run_embed(input_spec: str, output: str | Path, cfg: Config, *, overwrite: bo
     return summary
 
 
-def _summary(input_spec, out, record, done, new, failed, wall, plan) -> dict:
+def _summary(input_spec, out, record, shards, done, new, failed, wall, plan) -> dict:
     skipped = Counter()
     for r in done.values():
         skipped.update(r["skipped"])
@@ -266,7 +238,7 @@ def _summary(input_spec, out, record, done, new, failed, wall, plan) -> dict:
         "output": str(out),
         "model": record["model"],
         "vectors": record["vectors"],
-        "shards": len(record["shards"]),
+        "shards": shards,
         "parts_done": len(done),
         "parts_this_run": len(new),
         "failed": failed,
@@ -288,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--input", required=True, help="shards: directory, glob, brace pattern or fsspec URL")
     p.add_argument("--output", required=True, help="output directory (the embedding store)")
-    add_common_args(p)
+    add_common_args(p, upstream=False)
     return p
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from rdistill.errors import RunError
 from rdistill.io.shards import SampleFormat, ShardReadError, ShardStats, decode_image, iter_samples
 from rdistill.models.clip import ClipEncoder, ClipSpec, crop_transform
 
@@ -84,7 +85,7 @@ class ClipEmbedder:
         if device == "cpu" and threads > 0:
             torch.set_num_threads(threads)
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError("embed.pool.device is cuda but torch on this worker sees no GPU")
+            raise RunError("embed.pool.device is cuda but torch on this worker sees no GPU")
         self.encoder = ClipEncoder(spec, device, precision)
         self.dim = spec.embed_dim
 

@@ -9,9 +9,13 @@ prototypes, in id order, each atomically and followed by its done-marker:
     DIR/shards/distilled-{k:05d}.tar   ID.png (or .jpg), ID.txt (caption), ID.npy (text prototype, float32),
                                        ID.json (clusters, shared pairs, alignment, seed, model); ID = 8-digit id
     DIR/manifest.parquet               one row per image: id, key, shard, caption, seed, cluster ids, ...
-    DIR/_done/shard_{k}.json           the shard's rows and timing; DIR/summary.json, config.yaml, _SUCCESS
+    DIR/_done/shard_{k}.json           the shard's rows and timing, written after its tar; DIR/summary.json,
+                                       config.yaml, _SUCCESS; DIR/synthesize.json, the run record (the
+                                       prototypes' content hash, result-defining settings)
 
 A rerun paints only the shards without a done-marker; the final set has exactly one image per prototype.
+Prototypes that changed since (content hash) or other settings are refused unless ``--overwrite``; prototypes of
+ours whose run has not finished are refused unless ``--allow-incomplete``.
 """
 
 from __future__ import annotations
@@ -19,10 +23,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import logging
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,26 +32,31 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from rdistill.cli import add_common_args, run_cli
 from rdistill.config import Config, dump_config
+from rdistill.errors import RunError
 from rdistill.io.outputs import (
-    RateMeter,
-    RunError,
+    SUCCESS,
+    DoneMarkers,
     atomic_path,
     atomic_write_json,
     atomic_write_text,
     claim_output,
-    fault_point,
+    clear_output,
     finished_summary,
-    progress,
+    lock_output,
+    require_finished,
 )
+from rdistill.metrics import progress
 from rdistill.models.unclip import DecoderError, decoder_embed_dim
+from rdistill.stages.parts import PartAssembler
 from rdistill.stages.synthesize.worker import Painter, PaintSettings, check_dim, fill_norms, plain, sample_json
 
 log = logging.getLogger(__name__)
 
-SUCCESS, DONE, RUN_FILE = "_SUCCESS", "_done", "synthesize.json"
+RUN_FILE = "synthesize.json"
 NEEDED = ("id", "image_embedding", "text_embedding", "caption")
 CARRIED = ("caption_key", "image_cluster", "text_cluster", "shared_pairs", "alignment", "pairless", "refilled")
 MANIFEST = ("id", "key", "shard", "caption", "seed") + CARRIED
@@ -63,11 +70,23 @@ def _shard_name(k: int) -> str:
     return f"distilled-{k:05d}.tar"
 
 
+def prototypes_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "prototypes.parquet" if path.is_dir() else path
+
+
+def prototypes_finished(path: str | Path) -> tuple[bool, str]:
+    """Whether the prototypes at ``path`` are finished: a prototypes run of ours (its run record beside the
+    table) must have its ``_SUCCESS``; a table from elsewhere carries no marker and is taken as it is."""
+    folder = prototypes_path(path).parent
+    if (folder / "prototypes.json").exists() and not (folder / SUCCESS).exists():
+        return False, "the prototypes run that writes it has not finished (no _SUCCESS)"
+    return True, ""
+
+
 def read_prototypes(path: str | Path, cfg: Config) -> pa.Table:
     """The prototypes table with the columns synthesis needs, validated; errors name the file and column."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "prototypes.parquet"
+    path = prototypes_path(path)
     if not path.exists():
         raise RunError(f"{path}: prototypes not found (run python -m rdistill.prototypes first)")
     try:
@@ -106,52 +125,31 @@ def _dim(table: pa.Table) -> int:
     return table.schema.field("image_embedding").type.list_size
 
 
-class _Assembler:
-    """Collects painted rows in id order and writes a shard once all its prototypes are there."""
+class _ShardWriter:
+    """Painted rows -> rows per output shard for the :class:`PartAssembler`; writes a complete shard's tar."""
 
     def __init__(self, out: Path, shard_size: int, total: int, model: str, image_format: str, bar):
-        self.out, self.size, self.total, self.model, self.fmt, self.bar = (
-            out,
-            shard_size,
-            total,
-            model,
-            image_format,
-            bar,
-        )
-        self.rows: dict[int, list[dict]] = {}
-        self.done: list[dict] = []
-        self.rate = RateMeter()
-        self.images = 0
+        self.out, self.size, self.model, self.fmt, self.bar = out, shard_size, model, image_format, bar
+        expected = {k: min(shard_size, total - k * shard_size) for k in range(math.ceil(total / shard_size))}
+        self.asm = PartAssembler("synthesize", DoneMarkers(out, "shard"), self.write, lambda k: f"shard {k}",
+                                 expected)  # fmt: skip
 
     def add(self, batch: dict) -> None:
-        n = len(batch["id"])
-        for i in range(n):
-            row = {k: batch[k][i] for k in batch}
-            k = int(row["id"]) // self.size
-            self.rows.setdefault(k, []).append(row)
-            if len(self.rows[k]) == self._expected(k):
-                self._write(k, self.rows.pop(k))
-        self.images += n
-        self.rate.tick(n)
-        self.bar.update(n)
+        ids = np.asarray(batch["id"], dtype=np.int64)
+        shard = ids // self.size
+        for k in np.unique(shard).tolist():
+            m = shard == k
+            self.asm.add(k, {"pos": ids[m] - k * self.size, **{c: np.asarray(v)[m] for c, v in batch.items()}})
+        self.bar.update(len(ids))
 
-    def _expected(self, k: int) -> int:
-        return min(self.size, self.total - k * self.size)
-
-    def _write(self, k: int, rows: list[dict]) -> None:
-        rows.sort(key=lambda r: int(r["id"]))
-        ids = [int(r["id"]) for r in rows]
-        if ids != list(range(k * self.size, k * self.size + len(rows))):
-            raise RunError(f"shard {k}: painted ids arrived with gaps or duplicates")
+    def write(self, k: int, cols: dict) -> dict:
+        rows = [{c: v[i] for c, v in cols.items() if c != "pos"} for i in range(len(cols["pos"]))]
         path = self.out / "shards" / _shard_name(k)
         _write_tar(path, rows, self.model, self.fmt)
         manifest = [{"id": int(r["id"]), "key": _key(int(r["id"])), "shard": path.name,
                      "caption": str(r["caption"]), "seed": int(r["seed"]),
                      **{c: plain(r[c]) for c in CARRIED if c in r}} for r in rows]  # fmt: skip
-        record = {"shard": path.name, "images": len(rows), "written": time.time(), "rows": manifest}
-        atomic_write_json(self.out / DONE / f"shard_{k}.json", record)
-        self.done.append(record)
-        fault_point("synthesize", len(self.done))
+        return {"shard": path.name, "images": len(rows), "written": time.time(), "rows": manifest}
 
 
 def _write_tar(path: Path, rows: list[dict], model: str, fmt: str) -> None:
@@ -172,29 +170,28 @@ def _write_tar(path: Path, rows: list[dict], model: str, fmt: str) -> None:
                 })  # fmt: skip
 
 
-def _load_done(out: Path, shards: int) -> dict[int, dict]:
-    done = {}
-    for k in range(shards):
-        path = out / DONE / f"shard_{k}.json"
-        if path.exists() and (out / "shards" / _shard_name(k)).exists():
-            done[k] = json.loads(path.read_text())
-    return done
-
-
 def _clear(out: Path) -> None:
-    for name in ("shards", DONE):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in (SUCCESS, "summary.json", RUN_FILE, "config.yaml", "manifest.parquet"):
-        (out / name).unlink(missing_ok=True)
+    clear_output(out, ("shards", "_done"), (SUCCESS, "summary.json", RUN_FILE, "config.yaml", "manifest.parquet"))
 
 
-def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, overwrite: bool = False) -> dict:
-    """Paint one image per prototype in ``prototypes`` (a prototypes dir or parquet) into ``output``."""
+def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, overwrite: bool = False,
+                   allow_incomplete: bool = False) -> dict:  # fmt: skip
+    """Paint one image per prototype in ``prototypes`` (a prototypes dir or parquet) into ``output``.
+
+    Unfinished prototypes of ours are refused unless ``allow_incomplete``; see :func:`claim_output` for resume."""
+    out = Path(output)
+    with lock_output(out):
+        return _run_synthesize(prototypes, out, cfg, overwrite, allow_incomplete)
+
+
+def _run_synthesize(prototypes, out: Path, cfg: Config, overwrite: bool, allow_incomplete: bool) -> dict:
     import ray
 
     from rdistill.ray.pools import actor_pool_args, drain, start_pool
 
-    sc, out = cfg.synthesize, Path(output)
+    sc = cfg.synthesize
+    finished, why = prototypes_finished(prototypes)
+    incomplete = require_finished(str(prototypes), finished, why, allow_incomplete)
     table = read_prototypes(prototypes, cfg)
     total, dim = table.num_rows, _dim(table)
     want = decoder_embed_dim(sc.model)
@@ -203,18 +200,20 @@ def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, o
             check_dim(dim, sc.model, want)
         except DecoderError as e:
             raise RunError(f"{prototypes}: {e}") from None
-    record = {"prototypes": str(prototypes), "count": total, "dim": dim, "fingerprint": _fingerprint(table),
-              "config": dump_config(cfg, "synthesize")}  # fmt: skip
-    claim_output(out, RUN_FILE, record, tuple(record), overwrite, _clear, "images of other prototypes or settings")
-    out.mkdir(parents=True, exist_ok=True)
+    record = {"prototypes": str(prototypes), "input": {"count": total, "dim": dim, "fingerprint": _fingerprint(table)},
+              "config": yaml.safe_load(dump_config(cfg, "synthesize"))}  # fmt: skip
+    claim_output(out, RUN_FILE, record, ("input", "config"), overwrite, _clear,
+                 "images of other prototypes or settings")  # fmt: skip
     shards = math.ceil(total / sc.shard_size)
-    done = _load_done(out, shards)
+    markers = DoneMarkers(out, "shard")
+    done = markers.load(range(shards), lambda k: [out / "shards" / _shard_name(k)])
     pending = [k for k in range(shards) if k not in done]
     idle = {"images": 0, "shards": 0, "seconds": 0.0, "images_per_s": None}
     if not pending and (finished := finished_summary(out, RUN_FILE, idle)):
         return finished
+    (out / SUCCESS).unlink(missing_ok=True)
     atomic_write_json(out / RUN_FILE, record)
-    atomic_write_text(out / "config.yaml", record["config"])
+    atomic_write_text(out / "config.yaml", dump_config(cfg, "synthesize"))
     norms_filled = 0
     if sc.image_norm == 0:
         try:
@@ -253,11 +252,12 @@ def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, o
             **actor_pool_args(plan),
         )
         with progress(n_todo, "synthesize", cfg.progress, unit="images") as bar:
-            asm = _Assembler(out, sc.shard_size, total, sc.model, sc.image_format, bar)
-            wall = drain(ds, asm.add, "synthesis")
+            writer = _ShardWriter(out, sc.shard_size, total, sc.model, sc.image_format, bar)
+            wall = drain(ds, writer.add, "synthesis")
+        asm = writer.asm
         new, steady = asm.done, asm.rate.steady()
-        if asm.rows:
-            raise RunError(f"shards {sorted(asm.rows)} did not receive all their images")
+        if asm.open:
+            raise RuntimeError(f"shards {sorted(asm.open)} did not receive all their images")
     done.update({int(r["shard"].split("-")[1].split(".")[0]): r for r in new})
     manifest = [row for k in sorted(done) for row in done[k]["rows"]]
     if [r["id"] for r in manifest] != list(range(total)):
@@ -268,6 +268,7 @@ def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, o
     summary = {
         "stage": "synthesize",
         "prototypes": str(prototypes),
+        "prototypes_incomplete": incomplete,
         "output": str(out),
         "model": sc.model,
         "settings": PaintSettings.from_config(sc).__dict__,
@@ -309,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(
         build_parser(),
         argv,
-        lambda args, cfg: run_synthesize(args.prototypes, args.output, cfg, overwrite=args.overwrite),
+        lambda args, cfg: run_synthesize(
+            args.prototypes, args.output, cfg, overwrite=args.overwrite, allow_incomplete=args.allow_incomplete
+        ),
         print_summary,
     )
 

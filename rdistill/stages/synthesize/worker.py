@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rdistill.errors import RunError
 from rdistill.models.unclip import DecoderError, load_unclip, pipeline_embed_dim
 
 
@@ -96,7 +97,7 @@ class Painter:
         if device == "cpu" and threads > 0:
             torch.set_num_threads(threads)
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError("synthesize.pool.device is cuda but torch on this worker sees no GPU")
+            raise RunError("synthesize.pool.device is cuda but torch on this worker sees no GPU")
         self.pipe = load_unclip(model, device, precision)
         self.dim = pipeline_embed_dim(self.pipe)
         check_dim(expect_dim or self.dim, model, self.dim)

@@ -1,0 +1,88 @@
+"""What each pass of the prototype engine hands to the next: plain dataclasses of arrays, O(M·d) plus the
+k-means sample, never O(N) (per-row data is spilled to disk, :class:`rdistill.engine.passes.Spill`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rdistill.algo.cells import CellPlan
+from rdistill.algo.kmeans import KMeansStats
+from rdistill.algo.matching import Contingency, Matching
+from rdistill.algo.prune import PruneCut
+
+
+@dataclass
+class Scanned:
+    """Pass 1. The over-drawn k-means sample: ``sample_img``/``sample_txt`` (s, d) float16 unit rows,
+    ``sample_sims`` (s,) float32 pair cosines (NaN: invalid row), ``sample_rows`` (s,) int64 global row ids."""
+
+    invalid_per_part: dict[str, int]
+    n_invalid: int
+    n_valid: int
+    sample_target: int
+    sample_img: np.ndarray
+    sample_txt: np.ndarray
+    sample_sims: np.ndarray
+    sample_rows: np.ndarray
+
+
+@dataclass
+class Pruned:
+    """The exact prune cut and the k-means sample restricted to kept pairs, (s, d) float16 each."""
+
+    cut: PruneCut
+    n_kept: int
+    sample_img: np.ndarray
+    sample_txt: np.ndarray
+
+
+@dataclass
+class Clusters:
+    """Per-modality k-means: (M, d) float32 centroids and the fit's statistics."""
+
+    img_centroids: np.ndarray
+    txt_centroids: np.ndarray
+    img_stats: KMeansStats
+    txt_stats: KMeansStats
+    sample_size: int
+
+
+@dataclass
+class Assigned:
+    """Pass 2: the sparse M x M table of shared pairs and the (M,) int64 cluster sizes of kept pairs."""
+
+    contingency: Contingency
+    img_sizes: np.ndarray
+    txt_sizes: np.ndarray
+
+
+@dataclass
+class Matched:
+    matching: Matching
+    plan: CellPlan
+
+
+@dataclass
+class Prototypes:
+    """Pass 3, one row per planned cell: (P, d) float32 prototypes, (P,) mean raw norms of the shared pairs (NaN
+    for pairless cells), (P,) int64 shared-pair counts and (P,) float32 alignment (cosine of the two)."""
+
+    img: np.ndarray
+    txt: np.ndarray
+    img_norms: np.ndarray
+    txt_norms: np.ndarray
+    shared: np.ndarray
+    alignment: np.ndarray
+
+
+@dataclass
+class Captions:
+    """Pass 4: each text prototype's nearest real caption: (P,) int64 global row (-1: none), (P,) float32
+    cosine, and the row's key and caption text."""
+
+    rows: np.ndarray
+    similarity: np.ndarray
+    keys: list[str]
+    texts: list[str]

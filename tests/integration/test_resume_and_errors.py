@@ -1,0 +1,147 @@
+"""Resume by content, unfinished upstreams, the job's error policy, and a kill between a part's rename and its
+done-marker."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from rdistill.config import load_config
+from rdistill.dev.toydata import toy_samples, write_tar
+from rdistill.engine import run_prototypes
+from rdistill.errors import RunError
+from rdistill.stages import pds
+from rdistill.stages.embed.driver import run_embed
+from rdistill.stages.synthesize.driver import run_synthesize
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cfg(*over):
+    return load_config(None, ["progress=false", "cluster.num_pairs=20", *over])
+
+
+def _rewrite_in_place(path: Path) -> None:
+    """The same bytes written again, as a re-embedding into the same store does: only the mtime changes."""
+    data = path.read_bytes()
+    st = path.stat()
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+
+
+def test_store_changed_in_place_is_not_reported_done(store_copy, tmp_path, capsys):
+    root, _ = store_copy
+    out = tmp_path / "out"
+    run_prototypes(str(root), out, cfg())
+    assert run_prototypes(str(root), out, cfg())["resumed"] is True  # unchanged: done
+    _rewrite_in_place(root / "text_emb" / "text_emb_1.npy")
+    with pytest.raises(RunError, match=r"changed since: input text_emb/text_emb_1.npy: rewritten .*--overwrite"):
+        run_prototypes(str(root), out, cfg())
+    again = run_prototypes(str(root), out, cfg(), overwrite=True)
+    assert "resumed" not in again and (out / "_SUCCESS").exists()
+    # a new part is a change too; the job reports it in one line, exit code 2
+    shutil.copy(root / "img_emb" / "img_emb_0.npy", root / "img_emb" / "img_emb_9.npy")
+    shutil.copy(root / "text_emb" / "text_emb_0.npy", root / "text_emb" / "text_emb_9.npy")
+    shutil.copy(root / "metadata" / "metadata_0.parquet", root / "metadata" / "metadata_9.parquet")
+    rc = pds.main(["--embeddings", str(root), "--output", str(tmp_path / "job"), "--quiet", "--set",
+                   "job.synthesize=false", "--set", "cluster.num_pairs=20"])  # fmt: skip
+    assert rc == 0
+    shutil.copy(root / "img_emb" / "img_emb_1.npy", root / "img_emb" / "img_emb_9.npy")
+    rc = pds.main(["--embeddings", str(root), "--output", str(tmp_path / "job"), "--quiet", "--set",
+                   "job.synthesize=false", "--set", "cluster.num_pairs=20"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "input img_emb/img_emb_9.npy: rewritten" in err and err.count("\n") == 1
+
+
+def test_unfinished_embedding_run_is_refused_unless_allowed(store_copy, tmp_path, capsys):
+    root, _ = store_copy
+    (root / "embed.json").write_text("{}")  # a store of ours whose embedding run has no _SUCCESS yet
+    args = ["--embeddings", str(root), "--output", str(tmp_path / "o"), "--num-pairs", "20", "--quiet"]
+    from rdistill.engine.driver import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "embedding run that writes this store has not finished" in err and "--allow-incomplete" in err
+    assert main([*args, "--allow-incomplete"]) == 0
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["input"]["incomplete"] is True
+    # the embedding run finishes without touching a part (had it added one, the rerun would refuse, as above)
+    (root / "_SUCCESS").write_text("")
+    assert run_prototypes(str(root), tmp_path / "o", cfg())["resumed"] is True
+
+
+def test_synthesize_refuses_unfinished_prototypes(planted_store, tmp_path):
+    root, _ = planted_store
+    protos = tmp_path / "p"
+    run_prototypes(str(root), protos, cfg())
+    (protos / "_SUCCESS").unlink()  # as a prototypes run killed after writing its table
+    with pytest.raises(RunError, match=r"p: the prototypes run that writes it has not finished .*--allow-incomplete"):
+        run_synthesize(protos, tmp_path / "d", load_config("configs/demo.yaml"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--embeddings", "{tmp}/nowhere"], "{tmp}/nowhere: embedding store not found"),
+        (["--input", "{tmp}/nowhere"], "{tmp}/nowhere: no such file or directory"),
+        (["--embeddings", "{tmp}/bad"], "{tmp}/bad/img_emb/img_emb_0.npy: not a readable .npy file"),
+        (["--embeddings", "{tmp}/empty"], "{tmp}/empty: the store holds no rows (all 1 parts are empty)"),
+        (["--embeddings", "{tmp}/bad", "--set", "cluster.num_pair=3"], "unknown config key cluster.num_pair"),
+    ],
+)
+def test_job_reports_bad_input_in_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "bad" / "img_emb").mkdir(parents=True)
+    (tmp_path / "bad" / "img_emb" / "img_emb_0.npy").write_bytes(b"not numpy")
+    for sub in ("text_emb", "metadata"):
+        (tmp_path / "bad" / sub).mkdir()
+    np.save(tmp_path / "bad" / "text_emb" / "text_emb_0.npy", np.zeros((2, 4), np.float16))
+    import pyarrow as pa
+
+    for name in ("img_emb", "text_emb", "metadata"):
+        (tmp_path / "empty" / name).mkdir(parents=True)
+    np.save(tmp_path / "empty" / "img_emb" / "img_emb_0.npy", np.zeros((0, 4), np.float16))
+    np.save(tmp_path / "empty" / "text_emb" / "text_emb_0.npy", np.zeros((0, 4), np.float16))
+    pq.write_table(pa.table({"key": pa.array([], pa.string()), "caption": pa.array([], pa.string())}),
+                   tmp_path / "empty" / "metadata" / "metadata_0.parquet")  # fmt: skip
+    pq.write_table(pa.table({"key": ["a", "b"], "caption": ["x", "y"]}), tmp_path / "bad" / "metadata" /
+                   "metadata_0.parquet")  # fmt: skip
+    rc = pds.main([a.format(tmp=tmp_path) for a in argv] + ["--output", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.startswith("error: " + message.format(tmp=tmp_path)) and err.count("\n") == 1
+
+
+def test_kill_between_a_parts_rename_and_its_marker_redoes_the_part(ray_local, tmp_path):
+    d = tmp_path / "shards"
+    for k in range(3):
+        write_tar(d / f"s-{k}.tar", toy_samples(20, seed=40 + k, start=k * 100))
+    out = tmp_path / "emb"
+    tiny = ["embed.model=rdistill-tiny", "embed.pretrained=", "embed.batch_size=16", "progress=false"]
+    cli = [sys.executable, "-m", "rdistill.embed", "--input", str(d), "--output", str(out), "--quiet",
+           *sum((["--set", s] for s in tiny), [])]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    killed = subprocess.run(cli, env={**env, "RDISTILL_FAULT_KILL_AFTER": "embed.published:2"}, cwd=ROOT,
+                            timeout=300)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    # part 1's files are in place, but its marker was never written: it is not done
+    assert [p.name for p in (out / "_done").glob("*.json")] == ["part_0.json"]
+    assert (out / "img_emb" / "img_emb_1.npy").exists() and (out / "metadata" / "metadata_1.parquet").exists()
+    stamp = (out / "_done" / "part_0.json").stat().st_mtime_ns
+    subprocess.run(cli, env=env, cwd=ROOT, timeout=300, check=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parts_this_run"] == 2 and [p["part"] for p in summary["parts"]] == [0, 1, 2]
+    assert (out / "_done" / "part_0.json").stat().st_mtime_ns == stamp
+    full = tmp_path / "full"
+    run_embed(str(d), full, load_config(None, tiny))
+    for k in range(3):
+        assert pq.read_table(out / "metadata" / f"metadata_{k}.parquet").equals(
+            pq.read_table(full / "metadata" / f"metadata_{k}.parquet")
+        )
+        np.testing.assert_allclose(np.load(out / "img_emb" / f"img_emb_{k}.npy"),
+                                   np.load(full / "img_emb" / f"img_emb_{k}.npy"), atol=1e-3)  # fmt: skip
