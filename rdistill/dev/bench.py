@@ -1,7 +1,7 @@
 """Benchmarks that print ratios against a baseline measured in the same run.
 
-    python -m rdistill.bench prototypes [--rows 100000] [--dim 768] [--num-pairs 100] [--skip-recipe] [--floor]
-    python -m rdistill.bench embed | synthesize ...   (see :mod:`rdistill.bench_stages`)
+    python -m rdistill.dev.bench prototypes [--rows 100000] [--dim 768] [--num-pairs 100] [--skip-recipe] [--floor]
+    python -m rdistill.dev.bench embed | synthesize ...   (see :mod:`rdistill.dev.bench_stages`)
 
 ``prototypes`` writes a planted store (:mod:`rdistill.planted`) to a scratch directory, then runs, each in a fresh
 process so that peak RSS is its own:
@@ -243,7 +243,7 @@ def bench_prototypes(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rdistill.bench")
+    p = argparse.ArgumentParser(prog="python -m rdistill.dev.bench")
     sub = p.add_subparsers(dest="what", required=True)
     b = sub.add_parser("prototypes", help="our engine vs the authors' recipe (and the GEMM floor)")
     b.add_argument("--rows", type=int, default=100_000)

@@ -1,7 +1,7 @@
 """Benchmarks of the model stages against a plain single-process loop measured in the same run.
 
-    python -m rdistill.bench embed [--shards 8] [--per-shard 256] [--model ViT-B-32] [--actors 1,2]
-    python -m rdistill.bench synthesize [--prototypes 48] [--steps 10] [--batch-size 16] [--actors 1]
+    python -m rdistill.dev.bench embed [--shards 8] [--per-shard 256] [--model ViT-B-32] [--actors 1,2]
+    python -m rdistill.dev.bench synthesize [--prototypes 48] [--steps 10] [--batch-size 16] [--actors 1]
 
 ``embed``: toy WebDataset shards (:mod:`rdistill.toydata`) embedded by (a) a plain loop in this process: read,
 decode, crop, embed in batches, one shard after another, with the same code and model; (b) the stage,

@@ -1,7 +1,7 @@
 """The built-in offline demo: writes a small planted embedding store, runs the prototype engine on it with
 ``configs/planted.yaml``, and prints how many planted concepts came back as correctly paired prototypes.
 
-    python -m rdistill.demo [--output demo-output] [--config configs/planted.yaml]
+    python -m rdistill.dev.demo [--output planted-demo-output] [--config configs/planted.yaml]
 """
 
 from __future__ import annotations
