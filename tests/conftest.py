@@ -1,3 +1,9 @@
+import os
+
+# Every Ray instance the tests start (ray.init, ray.cluster_utils.Cluster, the job subprocesses) binds loopback,
+# never the machine's network address
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 import numpy as np
 import pytest
 

@@ -3,19 +3,19 @@
     python -m rdistill.dev.bench prototypes [--rows 100000] [--dim 768] [--num-pairs 100] [--skip-recipe] [--floor]
     python -m rdistill.dev.bench embed | synthesize ...   (see :mod:`rdistill.dev.bench_stages`)
 
-``prototypes`` writes a planted store (:mod:`rdistill.planted`) to a scratch directory, then runs, each in a fresh
+``prototypes`` writes a planted store (:mod:`rdistill.dev.planted`) to a scratch directory, then runs, each in a fresh
 process so that peak RSS is its own:
 
 * ``recipe``: the authors' recipe on the same embeddings held in RAM: scikit-learn ``MiniBatchKMeans(batch_size=10000,
   n_init=20)`` per modality, a pandas crosstab, dense Hungarian (``scipy.optimize.linear_sum_assignment``), a boolean
   mask per cluster for the prototypes, and a full similarity matrix for caption retrieval;
-* ``ours``: :func:`rdistill.prototypes.run_prototypes` streaming from the store on disk;
+* ``ours``: :func:`rdistill.engine.run_prototypes` streaming from the store on disk;
 * ``floor`` (with ``--floor``): bare BLAS GEMMs of the shapes of the nearest-centroid searches that ours makes over
   all rows (image and text assignment of the kept rows, caption search over all rows), on the same block size; the
-  distance work of ours' k-means on its sample (counted by :class:`rdistill.core.kmeans.KMeansStats`) is added at
+  distance work of ours' k-means on its sample (counted by :class:`rdistill.algo.kmeans.KMeansStats`) is added at
   the GEMM rate just measured. The ratio ours / floor is printed against both.
 
-It prints time, the time ratio, planted recovery (:func:`rdistill.planted.score_recovery`), mispaired prototypes,
+It prints time, the time ratio, planted recovery (:func:`rdistill.dev.planted.score_recovery`), mispaired prototypes,
 LAP objective (shared pairs on the matched diagonal) and peak RSS of each.
 """
 

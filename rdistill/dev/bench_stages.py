@@ -3,14 +3,15 @@
     python -m rdistill.dev.bench embed [--shards 8] [--per-shard 256] [--model ViT-B-32] [--actors 1,2]
     python -m rdistill.dev.bench synthesize [--prototypes 48] [--steps 10] [--batch-size 16] [--actors 1]
 
-``embed``: toy WebDataset shards (:mod:`rdistill.toydata`) embedded by (a) a plain loop in this process: read,
-decode, crop, embed in batches, one shard after another, with the same code and model; (b) the stage,
-:func:`rdistill.embed.run_embed`, on a fresh local Ray instance, for each pool size in ``--actors``. Model
-weights are random (seeded): the work is the same as with trained ones.
+``embed``: toy WebDataset shards (:mod:`rdistill.dev.toydata`) embedded by (a) a plain loop in this process:
+read, decode, crop, embed in batches, one shard after another, with the same code and model; (b) the stage,
+:func:`rdistill.stages.embed.driver.run_embed`, on a fresh local Ray instance, for each pool size in
+``--actors``. Model weights are random (seeded): the work is the same as with trained ones.
 
 ``synthesize``: prototypes from a planted store painted by (a) the authors' loop: one
 ``StableUnCLIPImg2ImgPipeline`` call per prototype, then the LANCZOS resize; (b) the same batched in this process
-(:class:`rdistill.synthesis.Painter`, no Ray); (c) the stage, :func:`rdistill.synthesize.run_synthesize`.
+(:class:`rdistill.stages.synthesize.worker.Painter`, no Ray); (c) the stage,
+:func:`rdistill.stages.synthesize.driver.run_synthesize`.
 
 Each prints seconds, throughput and the ratio to the loop. Stage times include starting Ray's workers and loading
 the model in each actor (seconds, paid once per run); ``steady`` counts from the first batch's arrival at the

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,6 +30,7 @@ from rdistill.config import Config, dump_config
 from rdistill.engine import passes
 from rdistill.engine.state import Assigned, Captions, Clusters, Matched, Prototypes, Scanned
 from rdistill.io.outputs import (
+    DONE,
     SUCCESS,
     atomic_path,
     atomic_write_json,
@@ -47,17 +50,30 @@ RUN_FILE = "prototypes.json"
 WORK = "_work"
 
 
-def open_store(embeddings: str, cfg: Config) -> EmbeddingStore:
-    return EmbeddingStore(embeddings, cfg.embeddings.key_column, cfg.embeddings.caption_column)
-
-
-def store_finished(store: EmbeddingStore) -> tuple[bool, str]:
+def store_status(embeddings: str) -> tuple[bool, str, set[int] | None]:
     """Whether a store is complete: one written by our embedding stage (``embed.json`` at its root) must have its
-    ``_SUCCESS``; stores from other writers carry no marker of ours and are taken as they are."""
-    fs, root = store.fs, store.root
-    if fs.exists(f"{root}/embed.json") and not fs.exists(f"{root}/{SUCCESS}"):
-        return False, "the embedding run that writes this store has not finished (no _SUCCESS)"
-    return True, ""
+    ``_SUCCESS``; stores from other writers carry no marker of ours and are taken as they are. For an unfinished
+    store of ours, also the numbers of its finished parts (those with a done-marker)."""
+    fs, root = fsspec.core.url_to_fs(str(embeddings))
+    root = root.rstrip("/")
+    if not fs.exists(f"{root}/embed.json") or fs.exists(f"{root}/{SUCCESS}"):
+        return True, "", None
+    done = set()
+    for path in fs.glob(f"{root}/{DONE}/part_*.json"):
+        m = re.fullmatch(r"part_(\d+)\.json", path.rsplit("/", 1)[-1])
+        if m:
+            done.add(int(m.group(1)))
+    why = f"the embedding run that writes this store has not finished (no _SUCCESS; {len(done)} parts done)"
+    return False, why, done
+
+
+def open_store(embeddings: str, cfg: Config, allow_incomplete: bool = False) -> tuple[EmbeddingStore, bool]:
+    """The store, refused when it is an unfinished run of ours unless ``allow_incomplete``, which reads only its
+    finished parts; returns (store, whether it was taken incomplete)."""
+    finished, why, done = store_status(embeddings)
+    incomplete = require_finished(str(embeddings), finished, why, allow_incomplete)
+    store = EmbeddingStore(embeddings, cfg.embeddings.key_column, cfg.embeddings.caption_column, done)
+    return store, incomplete
 
 
 def _clear(out: Path) -> None:
@@ -74,8 +90,7 @@ def run_prototypes(embeddings: str, output: str | Path, cfg: Config, *, overwrit
     """
     out = Path(output)
     with lock_output(out):
-        store = open_store(embeddings, cfg)
-        incomplete = require_finished(str(embeddings), *store_finished(store), allow_incomplete)
+        store, incomplete = open_store(embeddings, cfg, allow_incomplete)
         record = {"embeddings": str(embeddings), "input": store.fingerprint(),
                   "config": yaml.safe_load(dump_config(cfg, "prototypes"))}  # fmt: skip
         claim_output(out, RUN_FILE, record, ("input", "config"), overwrite, _clear,
@@ -108,10 +123,10 @@ def _run(store: EmbeddingStore, out: Path, cfg: Config) -> dict:
         scanned = passes.scan(source, cfg, rng, sims)
     with rec.step("prune"):
         pruned = passes.prune(scanned, store, cfg, rng, sims)
-        del scanned.sample_img, scanned.sample_txt
+        scanned.sample_img = scanned.sample_txt = None  # the pruned copy is all k-means needs
     with rec.step("cluster"):
         clusters = passes.cluster(pruned, cfg)
-        del pruned.sample_img, pruned.sample_txt
+        pruned.sample_img = pruned.sample_txt = None
     with rec.step("assign"):
         assigned = passes.assign(source, clusters, pruned, cfg, sims, labels)
     with rec.step("match"):

@@ -24,9 +24,9 @@ from rdistill.algo.kmeans import fit_kmeans, nearest_centroid
 from rdistill.algo.matching import Contingency, match_clusters
 from rdistill.algo.prune import find_prune_cut, pair_similarity
 from rdistill.algo.retrieval import NearestRows
-from rdistill.config import Config, ConfigError
+from rdistill.config import Config
 from rdistill.engine.state import Assigned, Captions, Clusters, Matched, Prototypes, Pruned, Scanned
-from rdistill.errors import RunError
+from rdistill.errors import ConfigError, RunError
 from rdistill.io.outputs import atomic_path
 from rdistill.io.store import Block, EmbeddingStore, StoreError
 from rdistill.metrics import progress

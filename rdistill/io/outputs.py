@@ -134,6 +134,10 @@ def lock_output(out: str | Path):
         raise RunError(
             f"{out} is in use by another rdistill run ({holder}): wait for it to finish, or choose another --output"
         ) from None
+    except OSError as e:  # a filesystem without flock support
+        os.close(fd)
+        raise RunError(f"{out}: cannot lock the output directory ({e.strerror}); choose an --output on a local or "
+                       "NFS filesystem") from None  # fmt: skip
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
@@ -188,13 +192,14 @@ def _flatten(obj, prefix: str = "") -> dict:
 def _change(old, new) -> str:
     if isinstance(old, dict) and isinstance(new, dict) and set(old) | set(new) <= _FILE_KEYS:
         size, mtime = f"{old.get('size')} -> {new.get('size')}", f"{old.get('version')} -> {new.get('version')}"
-        return f"rewritten (size {size}, mtime {mtime})"
+        return f"rewritten (size {size}, version {mtime})"
     return f"{old!r} -> {new!r}"
 
 
 def describe_changes(previous: dict, record: dict, keys: Iterable[str], limit: int = 3) -> str:
     """What differs between two run records on ``keys``, e.g. ``config prune.ratio: 0.2 -> 0.3`` or ``input
-    img_emb/img_emb_3.npy: rewritten (...)``; empty when nothing does."""
+    img_emb/img_emb_3.npy: rewritten (...)`` (a file's version is its mtime_ns, or its ETag on object stores);
+    empty when nothing does."""
     per_key = []
     for key in keys:
         old, new = _flatten(previous.get(key)), _flatten(record.get(key))
@@ -211,27 +216,54 @@ def describe_changes(previous: dict, record: dict, keys: Iterable[str], limit: i
     return "; ".join(shown) + (f" (and {more} more)" if more else "")
 
 
+RECORD_FORMAT = 2  # run records before it (rdistill <= 0.1.0 at 176d2b7) held no fingerprint of their input
+
+
+def has_finished_work(out: Path) -> bool:
+    """Whether ``out`` holds finished work worth protecting: its ``_SUCCESS`` or any done-marker."""
+    return (out / SUCCESS).exists() or any((out / DONE).glob("*.json"))
+
+
 def claim_output(out: Path, run_file: str, record: dict, keys: tuple[str, ...], overwrite: bool,
                  clear: Callable[[Path], None], holds: str) -> None:  # fmt: skip
-    """Make ``out`` the output of the run described by ``record``. The rule every stage follows:
+    """Make ``out`` the output of the run described by ``record`` (which gets ``format``). The rule every stage
+    follows:
 
     * a previous run whose record agrees on ``keys`` (input fingerprint, result-defining config, ...) is resumed,
       and skipped when finished, with or without ``overwrite``;
     * one that differs is refused with a message naming what changed (``out`` holds ``holds``), unless
-      ``overwrite``, which first calls ``clear(out)`` so the result is recomputed from the new input.
+      ``overwrite``, which first calls ``clear(out)`` so the result is recomputed from the new input;
+    * a previous run that finished nothing (it failed before its first part) protects nothing: it is cleared;
+    * finished work without a record of this format (an older rdistill, another tool) is refused unless
+      ``overwrite``: what it was made from cannot be compared.
     """
+    record["format"] = RECORD_FORMAT
     path = out / run_file
+    work = has_finished_work(out)
+    previous = None
     if path.exists():
-        previous = json.loads(path.read_text())
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError:
+            previous = {}
+    if previous is not None and previous.get("format") == RECORD_FORMAT:
         changed = describe_changes(previous, record, keys)
         if not changed:
             return
-        if not overwrite:
+        if work and not overwrite:
             raise RunError(f"{out} holds {holds}; changed since: {changed}; pass --overwrite to recompute, or "
                            "choose another --output")  # fmt: skip
-        log.warning("%s: recomputing, since %s", out, changed)
+        log.warning("%s: %s, since %s", out, "recomputing" if work else "starting over (nothing finished)", changed)
         clear(out)
-    elif overwrite:
+    elif work:
+        if not overwrite:
+            raise RunError(
+                f"{out} holds finished output without a run record of this rdistill version ({run_file}; written "
+                "by an older rdistill or another tool), so what it was made from cannot be compared: pass "
+                "--overwrite to recompute it, or choose another --output"
+            )
+        clear(out)
+    elif overwrite or previous is not None:
         clear(out)
 
 

@@ -109,11 +109,12 @@ class EmbeddingStore:
     Part files are matched by their number whatever its zero padding (``img_emb_7.npy``, ``img_emb_0007.npy``), and
     numbers may have gaps (clip-retrieval writes nothing for an empty partition). ``key_column`` and
     ``caption_column`` name the metadata columns; empty: the first of :data:`KEY_COLUMNS` / :data:`CAPTION_COLUMNS`
-    that the metadata has.
+    that the metadata has. ``only``: read just these part numbers.
     """
 
-    def __init__(self, url: str, key_column: str = "", caption_column: str = ""):
+    def __init__(self, url: str, key_column: str = "", caption_column: str = "", only: set[int] | None = None):
         self.url = str(url)
+        self.only = only  # read only these part numbers (the finished parts of an unfinished embedding run)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.root = self.root.rstrip("/")
         if not self.fs.exists(self.root):
@@ -183,6 +184,8 @@ class EmbeddingStore:
             if m is None or info.get("type") == "directory":
                 continue
             i = int(m.group(1))
+            if self.only is not None and i not in self.only:
+                continue
             if i in found:
                 raise StoreError(f"{info['name']}: part {i} appears twice (also {found[i]['name']})")
             found[i] = info

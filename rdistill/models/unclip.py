@@ -114,6 +114,21 @@ def load_unclip(model: str, device: str = "cpu", precision: str = "auto"):
     return pipe
 
 
+def check_decoder_source(model: str) -> None:
+    """Refuse, before any actor starts, a ``synthesize.model`` that names a local directory which is missing or
+    holds no diffusers pipeline (a hub id is checked when the actors load it)."""
+    if model == TINY:
+        return
+    path = Path(model).expanduser()
+    looks_local = model.startswith((".", "/", "~")) or path.exists() or model.count("/") != 1
+    if not looks_local:
+        return
+    if not path.is_dir():
+        raise DecoderError(f"synthesize.model: {model}: no such directory (and not a hub id of the form org/name)")
+    if not (path / "model_index.json").exists():
+        raise DecoderError(f"synthesize.model: {model}: not a diffusers pipeline directory (no model_index.json)")
+
+
 def decoder_embed_dim(model: str) -> int | None:
     """The image-embedding dimension a decoder takes, read from its config without loading weights; ``None``
     when it cannot be known here (a hub id with no network): the actors check again once loaded."""

@@ -102,21 +102,39 @@ def reader_task_args(num_cpus: float, plan: PoolPlan) -> dict:
     return {"num_cpus": num_cpus}
 
 
-def input_error_in(e: BaseException) -> InputError | None:
-    """The :class:`InputError` an exception raised through Ray tasks and actors carries (Ray re-raises a task's
-    error as an instance of its class, chained under its own wrappers), or ``None`` when it is no bad input."""
+def _subclasses(cls: type) -> set[type]:
+    out = set()
+    for sub in cls.__subclasses__():
+        out |= {sub} | _subclasses(sub)
+    return out
+
+
+def input_error_in(e: BaseException) -> str | None:
+    """The message of the :class:`InputError` behind an exception raised through Ray tasks and actors, or
+    ``None`` when it is no bad input (a bug, a lost node). Ray re-raises a task's error as an instance of its class
+    when it can; an actor that died in ``__init__`` comes back as ``ActorDiedError`` whose text holds the
+    original traceback, so that text is searched for an InputError's ``Name: message`` line."""
+    import importlib
+    import re
+
+    for module in ("rdistill.io.shards", "rdistill.io.store", "rdistill.models.clip", "rdistill.models.unclip"):
+        importlib.import_module(module)  # they define InputError's other subclasses: every name is known here
+
+    names = "|".join(sorted({c.__name__ for c in _subclasses(InputError)} | {"InputError"}))
+
+    line = re.compile(rf"^\s*(?:[\w.]+\.)?(?:{names}): (.+)$", re.M)
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, InputError):
-            return e
+            text = [t for t in str(e).strip().splitlines() if t.strip()]
+            m = line.search(str(e))
+            return m.group(1).strip() if m else (text[-1].strip() if text else type(e).__name__)
+        found = line.findall(f"{e}\n{getattr(e, 'error_msg', '') or ''}")
+        if found:
+            return found[-1].strip()
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(e).__name__
 
 
 def start_pool(rc: RayConfig, pool: PoolConfig, section: str) -> PoolPlan:
@@ -139,8 +157,8 @@ def drain(ds, sink, stage: str) -> float:
     except InputError:
         raise
     except Exception as e:
-        cause = input_error_in(e)
-        if cause is None:
+        message = input_error_in(e)
+        if message is None:
             raise
-        raise RunError(f"{stage} stage failed: {_first_line(cause)}") from e
+        raise RunError(f"{stage} stage failed: {message}") from e
     return time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """The full PDS job: embed, then prototypes, then synthesize, then the report.
 
     python -m rdistill.pds --config FILE [--input SHARDS | --embeddings DIR] --output DIR [--num-pairs M]
-                           [--set key=value ...] [--overwrite] [--quiet]
+                           [--set key=value ...] [--overwrite] [--allow-incomplete] [--quiet]
 
     OUT/embeddings/   the embedding store (only with --input; --embeddings points at an existing one)
     OUT/prototypes/   prototypes.parquet and the engine's summary

@@ -16,7 +16,7 @@ import pytest
 from rdistill.config import load_config
 from rdistill.dev.toydata import toy_samples, write_tar
 from rdistill.engine import run_prototypes
-from rdistill.errors import RunError
+from rdistill.errors import InputError, RunError
 from rdistill.stages import pds
 from rdistill.stages.embed.driver import run_embed
 from rdistill.stages.synthesize.driver import run_synthesize
@@ -62,18 +62,46 @@ def test_store_changed_in_place_is_not_reported_done(store_copy, tmp_path, capsy
 
 def test_unfinished_embedding_run_is_refused_unless_allowed(store_copy, tmp_path, capsys):
     root, _ = store_copy
-    (root / "embed.json").write_text("{}")  # a store of ours whose embedding run has no _SUCCESS yet
+    # a store of ours whose embedding run was killed while writing part 2: parts 0 and 1 have their done-markers,
+    # part 2 has its arrays but not yet its metadata, and there is no _SUCCESS
+    (root / "embed.json").write_text("{}")
+    (root / "_done").mkdir()
+    for i in (0, 1):
+        (root / "_done" / f"part_{i}.json").write_text("{}")
+    (root / "metadata" / "metadata_2.parquet").unlink()
     args = ["--embeddings", str(root), "--output", str(tmp_path / "o"), "--num-pairs", "20", "--quiet"]
     from rdistill.engine.driver import main
 
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "embedding run that writes this store has not finished" in err and "--allow-incomplete" in err
-    assert main([*args, "--allow-incomplete"]) == 0
-    assert json.loads((tmp_path / "o" / "summary.json").read_text())["input"]["incomplete"] is True
-    # the embedding run finishes without touching a part (had it added one, the rerun would refuse, as above)
+    assert "embedding run that writes this store has not finished (no _SUCCESS; 2 parts done)" in err
+    assert "--allow-incomplete" in err and err.count("\n") == 1
+    assert main([*args, "--allow-incomplete"]) == 0  # only the finished parts are read
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["input"]["incomplete"] is True and summary["counts"]["rows"] == 8000
+    # once the run finishes (part 2 complete), the prototypes made from two parts are not taken as done
+    shutil.copy(root / "metadata" / "metadata_1.parquet", root / "metadata" / "metadata_2.parquet")
     (root / "_SUCCESS").write_text("")
-    assert run_prototypes(str(root), tmp_path / "o", cfg())["resumed"] is True
+    with pytest.raises(RunError, match="changed since: input img_emb/img_emb_2.npy: added"):
+        run_prototypes(str(root), tmp_path / "o", cfg())
+
+
+def test_failed_run_does_not_block_the_corrected_rerun(planted_store, tmp_path):
+    root, _ = planted_store
+    out = tmp_path / "o"
+    with pytest.raises(RunError, match="larger than the 9600 pairs kept"):
+        run_prototypes(str(root), out, cfg("cluster.num_pairs=100000"))
+    assert run_prototypes(str(root), out, cfg())["prototypes"]["count"] == 20  # nothing finished: nothing to keep
+
+
+def test_output_of_an_older_version_is_not_silently_replaced(planted_store, tmp_path):
+    root, _ = planted_store
+    out = tmp_path / "o"
+    run_prototypes(str(root), out, cfg())
+    (out / "prototypes.json").unlink()  # as rdistill 0.1.0 left its outputs: no run record
+    with pytest.raises(RunError, match="without a run record of this rdistill version .*pass --overwrite"):
+        run_prototypes(str(root), out, cfg())
+    assert run_prototypes(str(root), out, cfg(), overwrite=True)["prototypes"]["count"] == 20
 
 
 def test_synthesize_refuses_unfinished_prototypes(planted_store, tmp_path):
@@ -145,3 +173,53 @@ def test_kill_between_a_parts_rename_and_its_marker_redoes_the_part(ray_local, t
         )
         np.testing.assert_allclose(np.load(out / "img_emb" / f"img_emb_{k}.npy"),
                                    np.load(full / "img_emb" / f"img_emb_{k}.npy"), atol=1e-3)  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["actor init", "task"])
+def test_bad_input_met_on_a_worker_is_one_runerror(ray_local, where):
+    from rdistill.ray.pools import drain
+
+    class RefusesToLoad:  # defined here so that Ray pickles it by value (workers cannot import test modules)
+        """An actor whose model cannot be loaded: bad input met on a worker, not in the driver."""
+
+        def __init__(self):
+            from rdistill.models.unclip import DecoderError
+
+            raise DecoderError("synthesize.model: cannot load StableUnCLIPImg2ImgPipeline 'org/missing': offline")
+
+        def __call__(self, batch):
+            return batch
+
+    def fails_in_task(batch):
+        from rdistill.io.store import StoreError
+
+        raise StoreError("s3://bucket/img_emb/img_emb_7.npy: truncated")
+
+    ds = ray_local.data.from_items([{"x": 1}, {"x": 2}])
+    if where == "actor init":
+        ds = ds.map_batches(RefusesToLoad, compute=ray_local.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+        message = "synthesize.model: cannot load StableUnCLIPImg2ImgPipeline 'org/missing': offline"
+    else:
+        ds = ds.map_batches(fails_in_task)
+        message = "s3://bucket/img_emb/img_emb_7.npy: truncated"
+    with pytest.raises(RunError) as info:
+        drain(ds, lambda batch: None, "test")
+    assert str(info.value) == f"test stage failed: {message}"
+
+
+def test_a_bug_on_a_worker_keeps_its_traceback(ray_local):
+    from rdistill.ray.pools import drain
+
+    ds = ray_local.data.from_items([{"x": 1}]).map_batches(lambda b: {}["missing"])
+    with pytest.raises(Exception) as info:
+        drain(ds, lambda batch: None, "test")
+    assert not isinstance(info.value, RunError) and "KeyError" in repr(info.value) + str(info.value)
+
+
+def test_decoder_directory_that_is_no_pipeline_is_refused_before_any_actor(planted_store, tmp_path):
+    root, _ = planted_store
+    run_prototypes(str(root), tmp_path / "p", cfg())
+    (tmp_path / "notapipe").mkdir()
+    for model, message in [(tmp_path / "nowhere", "no such directory"), (tmp_path / "notapipe", "no model_index")]:
+        with pytest.raises(InputError, match=message):
+            run_synthesize(tmp_path / "p", tmp_path / "d", load_config(None, [f"synthesize.model={model}"]))

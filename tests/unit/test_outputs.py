@@ -105,7 +105,7 @@ def test_changes_name_the_file_and_the_key():
     new = {"input": {"img_emb/img_emb_3.npy": {"size": 12, "version": 2}, "y.npy": {"size": 1, "version": 1}},
            "config": {"prune": {"ratio": 0.3}, "seed": 0}}  # fmt: skip
     text = describe_changes(old, new, ("input", "config"))
-    assert text.startswith("input img_emb/img_emb_3.npy: rewritten (size 10 -> 12, mtime 1 -> 2)")
+    assert text.startswith("input img_emb/img_emb_3.npy: rewritten (size 10 -> 12, version 1 -> 2)")
     assert "config prune.ratio: 0.2 -> 0.3" in text and "(and 1 more)" in text and "seed" not in text
     assert describe_changes(old, old, ("input", "config")) == ""
 

@@ -4,7 +4,7 @@
 
 SHARDS is a directory, a glob, a brace pattern (``data/{00000..00099}.tar``) or a URL (anything fsspec opens).
 Ray Data reads and decodes the shards in CPU tasks and streams them through a fixed-size pool of open_clip actors
-(:mod:`rdistill.embedding`); the driver writes one part per shard, atomically, then its done-marker:
+(:mod:`rdistill.stages.embed.worker`); the driver writes one part per shard, atomically, then its done-marker:
 
     DIR/img_emb/img_emb_{i}.npy      (n, d) float16, raw image embeddings (not normalised)
     DIR/text_emb/text_emb_{i}.npy    (n, d) float16, raw text embeddings

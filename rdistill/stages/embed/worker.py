@@ -5,7 +5,7 @@
 * :class:`ClipEmbedder` (model actors): loads the CLIP once, turns those blocks into raw float16 embeddings.
 
 Rows: ``part`` (int), ``index`` (position in the part), ``key``, ``caption``, ``end`` (bool), ``info`` (JSON of
-the shard's :class:`~rdistill.shards.ShardStats` on end rows), and ``image`` or ``img_emb``/``txt_emb``.
+the shard's :class:`~rdistill.io.shards.ShardStats` on end rows), and ``image`` or ``img_emb``/``txt_emb``.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
     python -m rdistill.synthesize --prototypes DIR --output DIR [--config FILE] [--set key=value ...]
 
-Ray Data streams the prototypes through a fixed-size pool of decoder actors (:class:`rdistill.synthesis.Painter`),
-a batch of prototypes per pipeline call. The driver writes WebDataset shards of ``synthesize.shard_size``
+Ray Data streams the prototypes through a fixed-size pool of decoder actors
+(:class:`rdistill.stages.synthesize.worker.Painter`), a batch of prototypes per pipeline call. The driver writes WebDataset shards of ``synthesize.shard_size``
 prototypes, in id order, each atomically and followed by its done-marker:
 
     DIR/shards/distilled-{k:05d}.tar   ID.png (or .jpg), ID.txt (caption), ID.npy (text prototype, float32),
@@ -50,7 +50,7 @@ from rdistill.io.outputs import (
     require_finished,
 )
 from rdistill.metrics import progress
-from rdistill.models.unclip import DecoderError, decoder_embed_dim
+from rdistill.models.unclip import DecoderError, check_decoder_source, decoder_embed_dim
 from rdistill.stages.parts import PartAssembler
 from rdistill.stages.synthesize.worker import Painter, PaintSettings, check_dim, fill_norms, plain, sample_json
 
@@ -78,8 +78,9 @@ def prototypes_path(path: str | Path) -> Path:
 def prototypes_finished(path: str | Path) -> tuple[bool, str]:
     """Whether the prototypes at ``path`` are finished: a prototypes run of ours (its run record beside the
     table) must have its ``_SUCCESS``; a table from elsewhere carries no marker and is taken as it is."""
-    folder = prototypes_path(path).parent
-    if (folder / "prototypes.json").exists() and not (folder / SUCCESS).exists():
+    table = prototypes_path(path)
+    folder = table.parent
+    if table.exists() and (folder / "prototypes.json").exists() and not (folder / SUCCESS).exists():
         return False, "the prototypes run that writes it has not finished (no _SUCCESS)"
     return True, ""
 
@@ -194,6 +195,7 @@ def _run_synthesize(prototypes, out: Path, cfg: Config, overwrite: bool, allow_i
     incomplete = require_finished(str(prototypes), finished, why, allow_incomplete)
     table = read_prototypes(prototypes, cfg)
     total, dim = table.num_rows, _dim(table)
+    check_decoder_source(sc.model)
     want = decoder_embed_dim(sc.model)
     if want is not None:
         try:
