@@ -3,8 +3,9 @@
     python -m rdistill.synthesize --prototypes DIR --output DIR [--config FILE] [--set key=value ...]
 
 Ray Data streams the prototypes through a fixed-size pool of decoder actors
-(:class:`rdistill.stages.synthesize.worker.Painter`), a batch of prototypes per pipeline call. The driver writes WebDataset shards of ``synthesize.shard_size``
-prototypes, in id order, each atomically and followed by its done-marker:
+(:class:`rdistill.stages.synthesize.worker.Painter`), a batch of prototypes per pipeline call. The driver writes
+WebDataset shards of ``synthesize.shard_size`` prototypes, in id order, each atomically and followed by its
+done-marker:
 
     DIR/shards/distilled-{k:05d}.tar   ID.png (or .jpg), ID.txt (caption), ID.npy (text prototype, float32),
                                        ID.json (clusters, shared pairs, alignment, seed, model); ID = 8-digit id
