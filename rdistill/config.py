@@ -160,6 +160,13 @@ class JobConfig:
 @dataclass(frozen=True)
 class Config:
     seed: int = _f(0, lo=0, doc="seed of every random choice (sampling, seeding)")
+    executor: str = _f(
+        "auto",
+        choices=("auto", "local", "ray"),
+        doc="where the prototype engine's passes run: ray (tasks over the cluster's workers), local (this process); "
+        "auto: ray when ray.address or RAY_ADDRESS is set (as under ray job submit), else local",
+        runtime=True,
+    )
     progress: bool = _f(True, doc="progress bars on stderr", runtime=True)
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)

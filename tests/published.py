@@ -166,3 +166,12 @@ def write_img2dataset_shards(
         (Path(root) / f"{name}_stats.json").write_text(json.dumps(stats, indent=4))
         all_stats.append(stats)
     return all_stats
+
+
+def partitions(sizes: list[int | None]) -> tuple[list[slice | None], int]:
+    """Row slices of consecutive partitions of the given sizes (None: an empty partition), and the total rows."""
+    parts, start = [], 0
+    for n in sizes:
+        parts.append(None if n is None else slice(start, start + n))
+        start += n or 0
+    return parts, start

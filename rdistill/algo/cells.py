@@ -95,43 +95,96 @@ def plan_cells(counts: sp.csr_matrix, matching: Matching, policy: str) -> CellPl
     return CellPlan(cells, shared, np.zeros(n, dtype=bool), refilled)
 
 
+@dataclass
+class CellSums:
+    """Sums over the pairs of some planned cells (a block's, a part's): ``ids`` (c,) int64 sorted cell ids,
+    ``img_sum``/``txt_sum`` (c, d) float64, ``count`` (c,) int64, raw-norm sums (c,) float64. Partials of
+    :class:`CellMeans`, summed in a fixed order so a result does not depend on where they were computed."""
+
+    ids: np.ndarray
+    img_sum: np.ndarray
+    txt_sum: np.ndarray
+    count: np.ndarray
+    img_norm_sum: np.ndarray
+    txt_norm_sum: np.ndarray
+
+    @staticmethod
+    def combine(parts: list[CellSums], dim: int) -> CellSums:
+        """One :class:`CellSums` from several, added in list order."""
+        parts = [q for q in parts if q.ids.size]
+        if not parts:
+            z = np.zeros(0)
+            return CellSums(np.zeros(0, np.int64), np.zeros((0, dim)), np.zeros((0, dim)), np.zeros(0, np.int64), z, z)
+        if len(parts) == 1:
+            return parts[0]
+        ids, inv = np.unique(np.concatenate([q.ids for q in parts]), return_inverse=True)
+        out = CellSums(ids, np.zeros((ids.size, dim)), np.zeros((ids.size, dim)), np.zeros(ids.size, np.int64),
+                       np.zeros(ids.size), np.zeros(ids.size))  # fmt: skip
+        start = 0
+        for q in parts:
+            at = inv[start : start + q.ids.size]
+            start += q.ids.size
+            out.img_sum[at] += q.img_sum
+            out.txt_sum[at] += q.txt_sum
+            out.count[at] += q.count
+            out.img_norm_sum[at] += q.img_norm_sum
+            out.txt_norm_sum[at] += q.txt_norm_sum
+        return out
+
+
 class CellMeans:
     """Streaming means of the image and text embeddings of the pairs in each planned cell.
 
-    State: two (p, d) float64 sums, counts, and sums of raw norms; memory never depends on N.
+    State: two (p, d) float64 sums, counts, and sums of raw norms; memory never depends on N. :meth:`sums` computes
+    a block's partial without touching the state (a worker can hold a part's partial, O(cells it touches));
+    :meth:`add_sums` adds one.
     """
 
-    def __init__(self, plan: CellPlan, k: int, dim: int):
-        self.k = k
+    def __init__(self, plan: CellPlan, k: int, dim: int, *, state: bool = True):
+        self.k, self.dim = k, dim
         codes = plan.cells[:, 0] * k + plan.cells[:, 1]
         self._order = np.argsort(codes, kind="stable")
         self._codes = codes[self._order]
-        p = codes.shape[0]
+        p = codes.shape[0] if state else 0
         self.img_sum = np.zeros((p, dim), dtype=np.float64)
         self.txt_sum = np.zeros((p, dim), dtype=np.float64)
         self.count = np.zeros(p, dtype=np.int64)
         self.img_norm_sum = np.zeros(p, dtype=np.float64)
         self.txt_norm_sum = np.zeros(p, dtype=np.float64)
 
-    def add(self, img_emb, txt_emb, img_labels, txt_labels, img_norms=None, txt_norms=None) -> None:
-        """Blocks of kept pairs: embeddings (b, d) float32, labels (b,) int, raw norms (b,) float32 or None."""
+    def sums(self, img_emb, txt_emb, img_labels, txt_labels, img_norms=None, txt_norms=None) -> CellSums:
+        """A block of kept pairs -> its :class:`CellSums`: embeddings (b, d) float32, labels (b,) int, raw norms (b,)
+        float32 or None."""
         codes = img_labels.astype(np.int64) * self.k + txt_labels.astype(np.int64)
         pos = np.searchsorted(self._codes, codes)
         pos = np.minimum(pos, self._codes.size - 1)
         hit = self._codes[pos] == codes
-        if not hit.any():
-            return
         rows = np.flatnonzero(hit)
         ids, inv = np.unique(self._order[pos[hit]], return_inverse=True)
         # a (cells x rows) 0/1 matrix times the block sums each cell's rows in one sparse GEMM, without a gather
         members = sp.csr_matrix((np.ones(rows.size, dtype=np.float32), (inv, rows)), shape=(ids.size, codes.size))
-        self.img_sum[ids] += members @ img_emb
-        self.txt_sum[ids] += members @ txt_emb
-        self.count[ids] += np.bincount(inv, minlength=ids.size)
-        if img_norms is not None:
-            self.img_norm_sum[ids] += np.bincount(inv, weights=img_norms[rows], minlength=ids.size)
-        if txt_norms is not None:
-            self.txt_norm_sum[ids] += np.bincount(inv, weights=txt_norms[rows], minlength=ids.size)
+        zero = np.zeros(ids.size)
+        return CellSums(
+            ids,
+            np.asarray(members @ img_emb, dtype=np.float64),
+            np.asarray(members @ txt_emb, dtype=np.float64),
+            np.bincount(inv, minlength=ids.size).astype(np.int64),
+            zero if img_norms is None else np.bincount(inv, weights=img_norms[rows], minlength=ids.size),
+            zero if txt_norms is None else np.bincount(inv, weights=txt_norms[rows], minlength=ids.size),
+        )
+
+    def add_sums(self, q: CellSums) -> None:
+        if not q.ids.size:
+            return
+        self.img_sum[q.ids] += q.img_sum
+        self.txt_sum[q.ids] += q.txt_sum
+        self.count[q.ids] += q.count
+        self.img_norm_sum[q.ids] += q.img_norm_sum
+        self.txt_norm_sum[q.ids] += q.txt_norm_sum
+
+    def add(self, img_emb, txt_emb, img_labels, txt_labels, img_norms=None, txt_norms=None) -> None:
+        """Add a block of kept pairs (see :meth:`sums`)."""
+        self.add_sums(self.sums(img_emb, txt_emb, img_labels, txt_labels, img_norms, txt_norms))
 
     def means(self):
         """img (p, d) float32, txt (p, d) float32, img mean raw norm (p,), txt mean raw norm (p,); NaN rows where a

@@ -40,6 +40,19 @@ class Contingency:
         if self._pending > 2 * self._compacted + 4_000_000:
             self._compact()
 
+    def add_counts(self, codes: np.ndarray, counts: np.ndarray) -> None:
+        """Add a partial table: cells as codes ``img * k + txt`` (unique) with their int counts."""
+        codes = np.asarray(codes, dtype=np.int64)
+        counts = np.asarray(counts, dtype=np.int64)
+        if self._dense is not None:
+            self._dense += np.bincount(codes, weights=counts, minlength=self.k * self.k).astype(np.int64)
+            return
+        self._codes.append(codes)
+        self._counts.append(counts)
+        self._pending += codes.size
+        if self._pending > 2 * self._compacted + 4_000_000:
+            self._compact()
+
     def _compact(self) -> None:
         codes = np.concatenate(self._codes)
         counts = np.concatenate(self._counts)

@@ -43,31 +43,53 @@ class PruneCut:
         return (sims > cut) | ((sims == cut) & (rows > self.row_cut))
 
 
+def sims_histogram(sims: np.ndarray, num_bins: int = 1 << 20) -> np.ndarray:
+    """(num_bins,) int64 counts of valid float32 cosines in equal-width bins over [-1, 1]: one partial of the
+    histogram pass, summed over blocks or parts in any order."""
+    return np.bincount(_bins(sims, num_bins), minlength=num_bins).astype(np.int64)
+
+
+def cut_bin(hist: np.ndarray, n_valid: int, n_drop: int) -> tuple[int, int]:
+    """The bin holding the ``n_drop``-th lowest cosine, and how many rows lie in the bins below it."""
+    if int(hist.sum()) != n_valid:
+        raise ValueError(f"similarity stream has {int(hist.sum())} rows, expected {n_valid}")
+    cum = np.cumsum(hist)
+    b = int(np.searchsorted(cum, n_drop))  # first bin whose cumulative count reaches n_drop
+    return b, int(cum[b - 1]) if b > 0 else 0
+
+
+def rows_in_bin(sims: np.ndarray, rows: np.ndarray, b: int, num_bins: int = 1 << 20):
+    """The (sims, rows) of one block or part that fall in bin ``b``."""
+    sel = _bins(sims, num_bins) == b
+    return sims[sel], rows[sel]
+
+
+def cut_in_bin(s: np.ndarray, r: np.ndarray, n_valid: int, n_drop: int, below: int) -> PruneCut:
+    """The exact cut from every (sim, row) of the cut bin, ``below`` rows lying under the bin."""
+    order = np.lexsort((r, s))
+    last = order[n_drop - below - 1]
+    return PruneCut(n_valid, n_drop, float(s[last]), int(r[last]))
+
+
+def drop_count(n_valid: int, prune_ratio: float) -> int:
+    if not 0.0 <= prune_ratio < 1.0:
+        raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
+    return int(np.floor(prune_ratio * n_valid))
+
+
 def find_prune_cut(sim_blocks: SimBlocks, n_valid: int, prune_ratio: float, num_bins: int = 1 << 20) -> PruneCut:
     """Exact cut for ``prune_ratio`` in [0, 1) over ``n_valid`` rows.
 
     sim_blocks: a callable returning a fresh iterable of (sims (b,) float32, rows (b,) int64) over all valid rows; it
     is called twice. Memory: the histogram plus the rows of one bin.
     """
-    if not 0.0 <= prune_ratio < 1.0:
-        raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
-    n_drop = int(np.floor(prune_ratio * n_valid))
+    n_drop = drop_count(n_valid, prune_ratio)
     if n_drop == 0:
         return PruneCut(n_valid, 0, float("-inf"), -1)
     hist = np.zeros(num_bins, dtype=np.int64)
     for sims, _ in sim_blocks():
-        hist += np.bincount(_bins(sims, num_bins), minlength=num_bins)
-    if int(hist.sum()) != n_valid:
-        raise ValueError(f"similarity stream has {int(hist.sum())} rows, expected {n_valid}")
-    cum = np.cumsum(hist)
-    b = int(np.searchsorted(cum, n_drop))  # first bin whose cumulative count reaches n_drop
-    below = int(cum[b - 1]) if b > 0 else 0
-    in_sims, in_rows = [], []
-    for sims, rows in sim_blocks():
-        sel = _bins(sims, num_bins) == b
-        in_sims.append(sims[sel])
-        in_rows.append(rows[sel])
-    s, r = np.concatenate(in_sims), np.concatenate(in_rows)
-    order = np.lexsort((r, s))
-    last = order[n_drop - below - 1]
-    return PruneCut(n_valid, n_drop, float(s[last]), int(r[last]))
+        hist += sims_histogram(sims, num_bins)
+    b, below = cut_bin(hist, n_valid, n_drop)
+    picked = [rows_in_bin(sims, rows, b, num_bins) for sims, rows in sim_blocks()]
+    s, r = np.concatenate([x[0] for x in picked]), np.concatenate([x[1] for x in picked])
+    return cut_in_bin(s, r, n_valid, n_drop, below)

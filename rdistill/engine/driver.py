@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
 import re
 import shutil
 import sys
@@ -28,15 +29,18 @@ import yaml
 from rdistill.cli import add_common_args, num_pairs_override, run_cli
 from rdistill.config import Config, dump_config
 from rdistill.engine import passes
+from rdistill.engine.executor import make_executor
 from rdistill.engine.state import Assigned, Captions, Clusters, Matched, Prototypes, Scanned
 from rdistill.io.outputs import (
     DONE,
     SUCCESS,
     atomic_path,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     claim_output,
     clear_output,
+    fault_point,
     finished_summary,
     lock_output,
     require_finished,
@@ -48,6 +52,7 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "prototypes.json"
 WORK = "_work"
+STEPS = ("scan", "prune", "cluster", "assign", "match", "prototypes", "captions")
 
 
 def store_status(embeddings: str) -> tuple[bool, str, set[int] | None]:
@@ -108,36 +113,80 @@ def run_prototypes(embeddings: str, output: str | Path, cfg: Config, *, overwrit
         return summary
 
 
+class Checkpoints:
+    """The reduced state of each finished pass in ``_work/{step}.pkl``, so a killed driver resumes after the last
+    finished pass (the run record guarantees ``_work/`` belongs to this store content and config)."""
+
+    def __init__(self, work: Path):
+        self.work = work
+
+    def load(self, step: str):
+        path = self.work / f"{step}.pkl"
+        if not path.exists():
+            return None
+        with open(path, "rb") as f:
+            return pickle.load(f)
+
+    def save(self, step: str, value) -> None:
+        atomic_write_bytes(self.work / f"{step}.pkl", pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+
+
 def _run(store: EmbeddingStore, out: Path, cfg: Config) -> dict:
-    """The passes in order; returns the summary."""
+    """The passes in order, each resumed from its checkpoint when a killed run finished it; returns the summary."""
     t_start = time.perf_counter()
     work = out / WORK
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     log.info("store %s: %d parts (%d empty skipped), %d rows, dim %d, %s", store.url, len(store.parts),
              len(store.empty_parts), store.num_rows, store.dim, store.dtype)  # fmt: skip
     rec, rng = StepRecorder(), np.random.default_rng(cfg.seed)
-    source = passes.BlockSource(store, cfg)
-    sims, labels = passes.Spill(work, "sims"), passes.Spill(work, "labels")
-    with rec.step("scan"):
-        scanned = passes.scan(source, cfg, rng, sims)
-    with rec.step("prune"):
-        pruned = passes.prune(scanned, store, cfg, rng, sims)
-        scanned.sample_img = scanned.sample_txt = None  # the pruned copy is all k-means needs
-    with rec.step("cluster"):
-        clusters = passes.cluster(pruned, cfg)
+    ex = make_executor(cfg)
+    ctx = passes.Context(store, cfg, ex, str(work))
+    ck = Checkpoints(work)
+    log.info("engine: %s executor", ex.name)
+    done = [step for step in STEPS if (work / f"{step}.pkl").exists()]
+    last = max((STEPS.index(step) for step in done), default=-1)
+
+    def step(name: str, compute):
+        """Run ``name`` (or load it, when a later pass finished too: its inputs are no longer needed)."""
+        if STEPS.index(name) <= last and (value := ck.load(name)) is not None:
+            rec.steps[name] = {"seconds": 0.0, "resumed": True}
+            return value
+        with rec.step(name):
+            value = compute()
+        ck.save(name, value)
+        fault_point(f"prototypes.{name}", 1)
+        return value
+
+    scanned, rng_state = step("scan", lambda: (passes.scan(ctx, rng), rng.bit_generator.state))
+    rng.bit_generator.state = rng_state
+    pruned = step("prune", lambda: passes.prune(ctx, scanned, rng))
+    if scanned.sample_img is not None:  # the pruned copy is all k-means needs
+        scanned.sample_img = scanned.sample_txt = None
+        ck.save("scan", (scanned, rng_state))
+    clusters = step("cluster", lambda: passes.cluster(pruned, cfg))
+    if pruned.sample_img is not None:
         pruned.sample_img = pruned.sample_txt = None
-    with rec.step("assign"):
-        assigned = passes.assign(source, clusters, pruned, cfg, sims, labels)
-    with rec.step("match"):
-        matched = passes.match(assigned, clusters, cfg)
-    with rec.step("prototypes"):
-        protos = passes.prototypes(source, matched, clusters, cfg, labels)
-    with rec.step("captions"):
-        caps = passes.captions(source, protos, cfg, sims)
+        ck.save("prune", pruned)
+    assigned = step("assign", lambda: passes.assign(ctx, clusters, pruned))
+    matched = step("match", lambda: passes.match(assigned, clusters, cfg))
+    protos = step("prototypes", lambda: passes.prototypes(ctx, matched, clusters))
+    caps = step("captions", lambda: passes.captions(ctx, protos))
     with rec.step("write"):
         write_table(out / "prototypes.parquet", matched, assigned, protos, caps)
     summary = _summary(out, store, cfg, scanned, pruned.cut, clusters, assigned, matched, protos)
+    for step, info in rec.steps.items():  # which node ran how many of each step's tasks, and what they read
+        tasks_of = {k: v for k, v in ex.nodes.items() if k == step or k.startswith(f"{step} ")}
+        nodes = {}
+        for counter in tasks_of.values():
+            for node, n in counter.items():
+                nodes[node] = nodes.get(node, 0) + n
+        if not info.get("resumed"):
+            info["nodes"] = nodes
+        if step in ctx.bytes_read:
+            info["bytes_read"] = ctx.bytes_read[step]
+    summary["executor"] = ex.name
+    summary["resumed_steps"] = [name for name, info in rec.steps.items() if info.get("resumed")]
+    summary["contingency_nonzero_cells"] = int(assigned.contingency.to_sparse().nnz)
     summary["steps"] = rec.steps
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
     return summary

@@ -1,47 +1,41 @@
-"""The passes of the PDS prototype engine (paper section 3.2, Algorithm 1 lines 1-6) as functions with explicit
-inputs and outputs (:mod:`rdistill.engine.state`). Memory is bounded by the k-means sample, the M x d state and a
-few blocks, whatever N is; per-row data goes to :class:`Spill` files:
+"""The passes of the PDS prototype engine (paper section 3.2, Algorithm 1 lines 1-6), each a map over the store's
+parts (:mod:`rdistill.engine.tasks`, run by an executor: this process or Ray tasks on the cluster's workers) and a
+reduction of their small partials in part order, with explicit inputs and outputs (:mod:`rdistill.engine.state`).
+The driver holds the k-means sample, the M x d state and a few partials, whatever N is; per-row data is spilled by
+the tasks into the work directory:
 
 1. :func:`scan`: L2-normalise, flag invalid rows (NaN/inf/zero), pair cosine per row (spilled, 4 bytes a row),
-   and draw the k-means training sample; :func:`prune`: the exact prune cut (:mod:`rdistill.algo.prune`);
+   and draw the k-means training sample; :func:`prune`: the exact prune cut (a histogram pass and one bin);
 2. :func:`cluster`: k-means per modality on the sample; :func:`assign`: nearest image and text centroid of every
    kept pair (labels spilled, 8 bytes a row) and the sparse contingency table; :func:`match`: linear assignment;
 3. :func:`prototypes`: means of the shared pairs of each planned cell;
 4. :func:`captions`: the nearest real caption to each text prototype.
+
+Each pass also counts the bytes its tasks read from the store (``PassLog``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import faiss
 import numpy as np
 
 from rdistill.algo.cells import CellMeans, cosine, plan_cells
-from rdistill.algo.kmeans import fit_kmeans, nearest_centroid
+from rdistill.algo.kmeans import fit_kmeans
 from rdistill.algo.matching import Contingency, match_clusters
-from rdistill.algo.prune import find_prune_cut, pair_similarity
-from rdistill.algo.retrieval import NearestRows
+from rdistill.algo.prune import PruneCut, cut_bin, cut_in_bin, drop_count
 from rdistill.config import Config
+from rdistill.engine import tasks
 from rdistill.engine.state import Assigned, Captions, Clusters, Matched, Prototypes, Pruned, Scanned
 from rdistill.errors import ConfigError, RunError
-from rdistill.io.outputs import atomic_path
-from rdistill.io.store import Block, EmbeddingStore, StoreError
+from rdistill.io.store import EmbeddingStore
 from rdistill.metrics import progress
 
 log = logging.getLogger(__name__)
 
-
-def unit_rows(x: np.ndarray, enabled: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Raw row norms of ``x`` (n, d) float32, and ``x`` L2-normalised *in place* when ``enabled`` (the caller owns
-    ``x``: a block fresh from the store or a masked copy). NaN/inf/zero rows are left to the caller's mask."""
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-    if enabled:
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            x /= np.where(norms > 0, norms, 1)[:, None]
-    return x, norms
+NUM_BINS = 1 << 20
 
 
 def flat_index(centroids: np.ndarray, gpu: bool) -> faiss.Index:
@@ -54,120 +48,77 @@ def flat_index(centroids: np.ndarray, gpu: bool) -> faiss.Index:
     return index
 
 
-class Spill:
-    """Per-part arrays in the work directory, row-aligned with the store's parts (``{name}_{part}.npy``)."""
+class Context:
+    """What every pass needs: the store, the config, the executor, the work directory, the local part cache,
+    and the bytes each pass read."""
 
-    def __init__(self, root: Path, name: str):
-        self.root, self.name = root, name
-        self._part: int | None = None
-        self._chunks: list[np.ndarray] = []
-        self._cache: tuple[int, np.ndarray] | None = None
+    def __init__(self, store: EmbeddingStore, cfg: Config, executor, work: str):
+        self.store, self.cfg, self.ex, self.work = store, cfg, executor, work
+        local = executor.name == "local"
+        self.cache = tasks.PartCache(cfg.embeddings.cache_gb * 2**30) if local else None
+        self.bytes_read: dict[str, int] = {}
 
-    def path(self, part: int) -> Path:
-        return self.root / f"{self.name}_{part}.npy"
+    def run(self, step: str, fn, items, *, rows: bool = True, **shared):
+        """``fn`` over ``items`` (tuples starting with a part) on the executor, results in part order, under a
+        progress bar of rows (or of parts)."""
+        if self.cache is not None and fn not in (tasks.histogram_part, tasks.cut_bin_part):
+            shared["cache"] = self.cache
+        items = list(items)
+        total = self.store.num_rows if rows else len(items)
+        with progress(total, step, self.cfg.progress, unit="rows" if rows else "parts") as bar:
+            for item, result in zip(items, self.ex.map(step, fn, items, **shared)):
+                bar.update(item[0].rows if rows else 1)
+                yield result
 
-    def append(self, part: int, values: np.ndarray) -> None:
-        if self._part is not None and part != self._part:
-            self.flush()
-        self._part = part
-        self._chunks.append(values)
-
-    def flush(self) -> None:
-        if self._part is None:
-            return
-        with atomic_path(self.path(self._part)) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, np.concatenate(self._chunks))
-        self._part, self._chunks = None, []
-
-    def read(self, part: int, r0: int, r1: int) -> np.ndarray:
-        if self._cache is None or self._cache[0] != part:
-            self._cache = (part, np.load(self.path(part), mmap_mode="r"))
-        return np.asarray(self._cache[1][r0:r1])
+    def read(self, step: str, n: int) -> None:
+        self.bytes_read[step] = self.bytes_read.get(step, 0) + int(n)
 
 
-class BlockSource:
-    """Prepared blocks of the store for the passes: rows normalised in place (when ``embeddings.normalize``) with
-    their raw norms in ``img_norm``/``txt_norm``. When the prepared store fits in ``embeddings.cache_gb`` the
-    first pass keeps it and later passes read RAM instead of the store."""
-
-    def __init__(self, store: EmbeddingStore, cfg: Config):
-        self.store, self.cfg = store, cfg
-        prepared_bytes = store.num_rows * store.dim * 8
-        self._cache: list[Block] | None = [] if prepared_bytes <= cfg.embeddings.cache_gb * 2**30 else None
-        self._filled = False
-
-    def blocks(self, step: str, *, img: bool = True):
-        """Blocks in global row order under a progress bar named after ``step``."""
-        normalize = self.cfg.embeddings.normalize
-        with progress(self.store.num_rows, step, self.cfg.progress) as bar:
-            if self._filled:
-                for b in self._cache:
-                    yield b
-                    bar.update(b.rows.size)
-                return
-            fill = self._cache is not None and img
-            for b in self.store.iter_blocks(self.cfg.embeddings.block_rows, img=img):
-                if b.img is not None:
-                    b.img, b.img_norm = unit_rows(b.img, normalize)
-                b.txt, b.txt_norm = unit_rows(b.txt, normalize)
-                if fill:
-                    self._cache.append(b)
-                yield b
-                bar.update(b.rows.size)
-            self._filled = fill
-
-
-def scan(source: BlockSource, cfg: Config, rng: np.random.Generator, sims: Spill) -> Scanned:
-    """Pass 1: validity, pair cosine (spilled to ``sims``), and an over-drawn k-means sample (float16 until
-    pruned)."""
-    store, k = source.store, cfg.cluster.num_pairs
+def scan(ctx: Context, rng: np.random.Generator) -> Scanned:
+    """Pass 1: validity, pair cosine (spilled), and an over-drawn k-means sample (float16 until pruned)."""
+    store, cfg, k = ctx.store, ctx.cfg, ctx.cfg.cluster.num_pairs
     n = store.num_rows
     sample_target = min(cfg.cluster.max_sample, cfg.cluster.points_per_centroid * k)
     draw = math.ceil(sample_target / max(1.0 - cfg.prune.ratio, 0.01) * 1.1) + k
     positions = np.sort(rng.choice(n, size=min(n, draw), replace=False)).astype(np.int64)
-    part_by_index = {p.index: p for p in store.parts}
+    items = []
+    for p in store.parts:
+        lo, hi = np.searchsorted(positions, [p.start, p.start + p.rows])
+        items.append((p, positions[lo:hi]))
     invalid_per_part: dict[str, int] = {}
-    smp_img, smp_txt, smp_sim = [], [], []
-    for b in source.blocks("scan"):
-        img, txt = b.img, b.txt
-        valid = np.isfinite(b.img_norm) & np.isfinite(b.txt_norm) & (b.img_norm > 0) & (b.txt_norm > 0)
-        if not valid.all():
-            part = part_by_index[b.part]
-            if cfg.embeddings.on_invalid == "error":
-                row = int(np.flatnonzero(~valid)[0]) + b.offset
-                raise StoreError(
-                    f"{part.img.path} / {part.txt.path}: row {row} is NaN, infinite or zero "
-                    "(embeddings.on_invalid=error; set it to skip to drop such rows)"
-                )
-            invalid_per_part[part.img.path] = invalid_per_part.get(part.img.path, 0) + int((~valid).sum())
-        s = pair_similarity(img, txt)
-        s[~valid] = np.nan
-        sims.append(b.part, s)
-        lo, hi = np.searchsorted(positions, [b.start, b.start + b.rows.size])
-        local = positions[lo:hi] - b.start
-        smp_img.append(img[local].astype(np.float16))
-        smp_txt.append(txt[local].astype(np.float16))
-        smp_sim.append(s[local])
-    sims.flush()
-    for path, count in invalid_per_part.items():
-        log.warning("%s: skipped %d invalid rows (NaN, infinite or zero vectors)", path, count)
+    smp = ([], [], [], [])
+    for (p, _), r in zip(items, ctx.run("scan", tasks.scan_part, items, store=store, cfg=cfg, work=ctx.work)):
+        ctx.read("scan", r.bytes_read)
+        if r.invalid:
+            invalid_per_part[p.img.path] = r.invalid
+            log.warning("%s: skipped %d invalid rows (NaN, infinite or zero vectors)", p.img.path, r.invalid)
+        for out, x in zip(smp, (r.sample_img, r.sample_txt, r.sample_sims, r.sample_rows)):
+            out.append(x)
     n_invalid = sum(invalid_per_part.values())
-    return Scanned(invalid_per_part, n_invalid, n - n_invalid, sample_target, np.concatenate(smp_img),
-                   np.concatenate(smp_txt), np.concatenate(smp_sim), positions)  # fmt: skip
+    return Scanned(invalid_per_part, n_invalid, n - n_invalid, sample_target, *(np.concatenate(x) for x in smp))
 
 
-def prune(scanned: Scanned, store: EmbeddingStore, cfg: Config, rng: np.random.Generator, sims: Spill) -> Pruned:
-    """The exact prune cut over the spilled cosines, then the k-means sample restricted to kept pairs."""
+def prune_cut(ctx: Context, n_valid: int) -> PruneCut:
+    """The exact prune cut: a histogram pass over the spilled cosines, then the rows of the one bin that holds
+    the cut (:mod:`rdistill.algo.prune`)."""
+    n_drop = drop_count(n_valid, ctx.cfg.prune.ratio)
+    if n_drop == 0:
+        return PruneCut(n_valid, 0, float("-inf"), -1)
+    parts = [(p,) for p in ctx.store.parts]
+    hist = np.zeros(NUM_BINS, dtype=np.int64)
+    for h in ctx.run("prune histogram", tasks.histogram_part, parts, rows=False, work=ctx.work, num_bins=NUM_BINS):
+        hist += h
+    b, below = cut_bin(hist, n_valid, n_drop)
+    items = [(p, b) for p in ctx.store.parts]
+    picked = list(ctx.run("prune cut", tasks.cut_bin_part, items, rows=False, work=ctx.work, num_bins=NUM_BINS))
+    s, r = np.concatenate([x[0] for x in picked]), np.concatenate([x[1] for x in picked])
+    return cut_in_bin(s, r, n_valid, n_drop, below)
 
-    def sim_blocks():
-        for p in store.parts:
-            s = np.load(sims.path(p.index))
-            ok = ~np.isnan(s)
-            yield s[ok], (np.arange(p.rows, dtype=np.int64) + p.start)[ok]
 
-    k = cfg.cluster.num_pairs
-    cut = find_prune_cut(sim_blocks, scanned.n_valid, cfg.prune.ratio)
+def prune(ctx: Context, scanned: Scanned, rng: np.random.Generator) -> Pruned:
+    """The exact prune cut, then the k-means sample restricted to kept pairs."""
+    cfg, store, k = ctx.cfg, ctx.store, ctx.cfg.cluster.num_pairs
+    cut = prune_cut(ctx, scanned.n_valid)
     n_kept = scanned.n_valid - cut.n_drop
     if k > n_kept:
         raise RunError(
@@ -209,29 +160,19 @@ def cluster(pruned: Pruned, cfg: Config) -> Clusters:
     return Clusters(img_centroids, txt_centroids, img_stats, txt_stats, img.shape[0])
 
 
-def assign(source: BlockSource, clusters: Clusters, pruned: Pruned, cfg: Config, sims: Spill,
-           labels: Spill) -> Assigned:  # fmt: skip
-    """Pass 2: nearest centroids of every kept pair (spilled to ``labels``, -1 when not kept) and the
-    contingency table."""
-    k = cfg.cluster.num_pairs
-    img_index = flat_index(clusters.img_centroids, cfg.cluster.gpu)
-    txt_index = flat_index(clusters.txt_centroids, cfg.cluster.gpu)
+def assign(ctx: Context, clusters: Clusters, pruned: Pruned) -> Assigned:
+    """Pass 2: nearest centroids of every kept pair (spilled as labels, -1 when not kept) and the contingency
+    table, reduced from the parts' cell counts."""
+    k = ctx.cfg.cluster.num_pairs
     contingency = Contingency(k)
     img_sizes, txt_sizes = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64)
-    for b in source.blocks("assign"):
-        s = sims.read(b.part, b.offset, b.offset + b.rows.size)
-        keep = ~np.isnan(s)
-        keep[keep] = pruned.cut.keep(s[keep], b.rows[keep])
-        lab = np.full((b.rows.size, 2), -1, dtype=np.int32)
-        if keep.any():
-            li, _ = nearest_centroid(b.img[keep], clusters.img_centroids, img_index)
-            lt, _ = nearest_centroid(b.txt[keep], clusters.txt_centroids, txt_index)
-            lab[keep, 0], lab[keep, 1] = li, lt
-            contingency.add(li, lt)
-            img_sizes += np.bincount(li, minlength=k)
-            txt_sizes += np.bincount(lt, minlength=k)
-        labels.append(b.part, lab)
-    labels.flush()
+    parts = [(p,) for p in ctx.store.parts]
+    for r in ctx.run("assign", tasks.assign_part, parts, store=ctx.store, cfg=ctx.cfg, work=ctx.work, cut=pruned.cut,
+                     img_centroids=clusters.img_centroids, txt_centroids=clusters.txt_centroids):  # fmt: skip
+        ctx.read("assign", r.bytes_read)
+        contingency.add_counts(r.codes, r.counts)
+        img_sizes += r.img_sizes
+        txt_sizes += r.txt_sizes
     return Assigned(contingency, img_sizes, txt_sizes)
 
 
@@ -240,20 +181,20 @@ def match(assigned: Assigned, clusters: Clusters, cfg: Config) -> Matched:
     counts = assigned.contingency.to_sparse()
     matching = match_clusters(counts, clusters.img_centroids, clusters.txt_centroids, dense_max=cfg.match.dense_max)
     plan = plan_cells(counts, matching, cfg.prototypes.pairless)
-    log.info("matching (%s): %d shared pairs on the diagonal, %d pairless matches", matching.solver,
-             matching.objective, int((matching.shared == 0).sum()))  # fmt: skip
+    log.info("matching (%s): %d shared pairs on the diagonal, %d pairless matches (contingency: %d non-zero cells)",
+             matching.solver, matching.objective, int((matching.shared == 0).sum()), counts.nnz)  # fmt: skip
     return Matched(matching, plan)
 
 
-def prototypes(source: BlockSource, matched: Matched, clusters: Clusters, cfg: Config, labels: Spill) -> Prototypes:
+def prototypes(ctx: Context, matched: Matched, clusters: Clusters) -> Prototypes:
     """Pass 3: means of the shared pairs of each planned cell; pairless cells (policy keep) take the centres."""
     plan = matched.plan
-    means = CellMeans(plan, cfg.cluster.num_pairs, source.store.dim)
-    for b in source.blocks("prototypes"):
-        lab = labels.read(b.part, b.offset, b.offset + b.rows.size)
-        m = lab[:, 0] >= 0
-        if m.any():
-            means.add(b.img[m], b.txt[m], lab[m, 0], lab[m, 1], b.img_norm[m], b.txt_norm[m])
+    means = CellMeans(plan, ctx.cfg.cluster.num_pairs, ctx.store.dim)
+    parts = [(p,) for p in ctx.store.parts]
+    for sums, n in ctx.run("prototypes", tasks.prototypes_part, parts, store=ctx.store, cfg=ctx.cfg, work=ctx.work,
+                           plan=plan):  # fmt: skip
+        ctx.read("prototypes", n)
+        means.add_sums(sums)
     img, txt, img_norms, txt_norms = means.means()
     shared = means.count
     empty = shared == 0
@@ -264,15 +205,19 @@ def prototypes(source: BlockSource, matched: Matched, clusters: Clusters, cfg: C
     return Prototypes(img, txt, img_norms, txt_norms, shared, cosine(img, txt))
 
 
-def captions(source: BlockSource, protos: Prototypes, cfg: Config, sims: Spill) -> Captions:
+def captions(ctx: Context, protos: Prototypes) -> Captions:
     """Pass 4: the nearest valid caption (cosine) of each text prototype, then its key and text."""
     p = protos.txt.shape[0]
-    if not cfg.captions.retrieve:
+    if not ctx.cfg.captions.retrieve:
         return Captions(np.full(p, -1, dtype=np.int64), np.full(p, np.nan, dtype=np.float32), [""] * p, [""] * p)
-    nearest = NearestRows(unit_rows(protos.txt.copy())[0])
-    for b in source.blocks("captions", img=False):
-        ok = ~np.isnan(sims.read(b.part, b.offset, b.offset + b.rows.size))
-        txt = b.txt[ok] if cfg.embeddings.normalize else b.txt[ok] / b.txt_norm[ok, None]
-        nearest.add(txt, b.rows[ok])
-    keys, texts = source.store.lookup(nearest.best_row)
-    return Captions(nearest.best_row, nearest.best_score, keys, texts)
+    queries = tasks.unit_rows(protos.txt.copy())[0]
+    best_row = np.full(p, -1, dtype=np.int64)
+    best_score = np.full(p, -np.inf, dtype=np.float32)
+    parts = [(part,) for part in ctx.store.parts]
+    for row, score, n in ctx.run("captions", tasks.captions_part, parts, store=ctx.store, cfg=ctx.cfg, work=ctx.work,
+                                 queries=queries):  # fmt: skip
+        ctx.read("captions", n)
+        better = score > best_score  # parts in order: ties keep the earliest row
+        best_row[better], best_score[better] = row[better], score[better]
+    keys, texts = ctx.store.lookup(best_row)
+    return Captions(best_row, best_score, keys, texts)

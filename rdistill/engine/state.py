@@ -1,5 +1,5 @@
 """What each pass of the prototype engine hands to the next: plain dataclasses of arrays, O(M·d) plus the
-k-means sample, never O(N) (per-row data is spilled to disk, :class:`rdistill.engine.passes.Spill`)."""
+k-means sample, never O(N) (per-row data is spilled to disk, by the tasks of :mod:`rdistill.engine.tasks`)."""
 
 from __future__ import annotations
 

@@ -236,17 +236,21 @@ class EmbeddingStore:
             raise StoreError(f"{arr.path}: truncated (header says {arr.rows} rows, data ends before row {r1})")
         return np.frombuffer(buf, dtype=arr.dtype).reshape(r1 - r0, arr.dim).astype(np.float32)
 
+    def part_blocks(self, p: Part, block_rows: int, *, img: bool = True, txt: bool = True) -> Iterator[Block]:
+        """The blocks of one part, in row order."""
+        for r0 in range(0, p.rows, block_rows):
+            r1 = min(r0 + block_rows, p.rows)
+            yield Block(
+                p.index,
+                p.start + r0,
+                r0,
+                self._read_rows(p.img, r0, r1) if img else None,
+                self._read_rows(p.txt, r0, r1) if txt else None,
+            )
+
     def _blocks(self, block_rows: int, img: bool, txt: bool) -> Iterator[Block]:
         for p in self.parts:
-            for r0 in range(0, p.rows, block_rows):
-                r1 = min(r0 + block_rows, p.rows)
-                yield Block(
-                    p.index,
-                    p.start + r0,
-                    r0,
-                    self._read_rows(p.img, r0, r1) if img else None,
-                    self._read_rows(p.txt, r0, r1) if txt else None,
-                )
+            yield from self.part_blocks(p, block_rows, img=img, txt=txt)
 
     def iter_blocks(self, block_rows: int = 65536, *, img: bool = True, txt: bool = True, prefetch: int = 2):
         """Blocks in global row order. A reader thread keeps up to ``prefetch`` blocks ready, so reading overlaps

@@ -168,7 +168,7 @@ def test_cli_reports_bad_config_without_traceback(planted_store, tmp_path, capsy
     assert rc == 2 and "unknown config key cluster.num_pair" in err and "Traceback" not in err
 
 
-def test_killed_run_is_redone_from_scratch(planted_store, tmp_path):
+def test_killed_run_without_checkpoints_is_redone_from_scratch(planted_store, tmp_path):
     root, _ = planted_store
     out = tmp_path / "out"
     first = run_prototypes(str(root), out, cfg(**{"cluster.num_pairs": 20}))
@@ -182,3 +182,30 @@ def test_killed_run_is_redone_from_scratch(planted_store, tmp_path):
     assert again["counts"] == first["counts"]
     assert pq.read_table(out / "prototypes.parquet").equals(expected)
     assert (out / "_SUCCESS").exists() and not (out / "_work").exists()
+
+
+def test_driver_killed_after_kmeans_resumes_from_there(planted_store, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, _ = planted_store
+    full = run_prototypes(str(root), tmp_path / "full", cfg(**{"cluster.num_pairs": 20}))
+    out = tmp_path / "out"
+    repo = Path(__file__).resolve().parents[2]
+    cli = [sys.executable, "-m", "rdistill.prototypes", "--embeddings", str(root), "--output", str(out),
+           "--num-pairs", "20", "--quiet"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(repo), "RDISTILL_FAULT_KILL_AFTER": "prototypes.cluster:1"}
+    env.pop("RAY_ADDRESS", None)
+    killed = subprocess.run(cli, env=env, cwd=repo, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (out / "_work").glob("*.pkl")) == ["cluster.pkl", "prune.pkl", "scan.pkl"]
+    assert not (out / "_SUCCESS").exists()
+    again = run_prototypes(str(root), out, cfg(**{"cluster.num_pairs": 20}))
+    assert again["resumed_steps"] == ["scan", "prune", "cluster"]
+    assert all(again["steps"][s]["seconds"] > 0 for s in ("assign", "prototypes", "captions"))
+    assert again["counts"] == full["counts"] and again["kmeans"] == full["kmeans"]
+    assert pq.read_table(out / "prototypes.parquet").equals(pq.read_table(tmp_path / "full" / "prototypes.parquet"))
+    assert not (out / "_work").exists()

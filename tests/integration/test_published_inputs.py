@@ -18,7 +18,7 @@ from rdistill.engine import run_prototypes
 from rdistill.io.store import EmbeddingStore
 from rdistill.stages.pds import main as pds_main
 from tests.conftest import read_vectors
-from tests.published import img2dataset_key, write_clip_retrieval_store, write_img2dataset_shards
+from tests.published import img2dataset_key, partitions, write_clip_retrieval_store, write_img2dataset_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -28,14 +28,6 @@ SMALL_SYNTH = ["synthesize.shard_size=4", "synthesize.batch_size=4"]
 def _argv(source, path, out, *overrides):
     sets = [x for s in [*overrides, *SMALL_SYNTH] for x in ("--set", s)]
     return ["--config", DEMO, source, str(path), "--output", str(out), "--quiet", *sets]
-
-
-def _partitions(sizes):
-    parts, start = [], 0
-    for n in sizes:
-        parts.append(None if n is None else slice(start, start + n))
-        start += n or 0
-    return parts, start
 
 
 def _read_own_store(root, num_parts):
@@ -53,7 +45,7 @@ def test_engine_on_clip_retrieval_store_equals_own_layout(tmp_path):
     img, txt, cols = _read_own_store(own, 3)
     # the same rows, in the same order, through clip-retrieval's writer: 12 partitions of other sizes, 2 of them
     # empty (no files: gaps in 00 .. 11), metadata from the samples' JSON with more columns than key
-    parts, n = _partitions([700, 450, 600, None, 520, 480, 610, 530, None, 700, 750, 660])
+    parts, n = partitions([700, 450, 600, None, 520, 480, 610, 530, None, 700, 750, 660])
     assert n == len(img)
     metadata = [
         {"key": k, "url": f"https://example.invalid/{k}.jpg", "status": "success", "error_message": None,
@@ -104,7 +96,7 @@ def laion_style_store(tmp_path_factory):
     four-digit part numbers and gaps. Returns (root, captions)."""
     root = tmp_path_factory.mktemp("laion") / "store"
     concepts = make_concepts(10, 64, noise=0.6, seed=21)
-    parts, n = _partitions([300, None, 250, None, None, 400, 350, None, 200])
+    parts, n = partitions([300, None, 250, None, None, 400, 350, None, 200])
     pairs = sample_pairs(concepts, n, seed=22)
     keys = [f"{i:09d}" for i in range(n)]
     metadata = [{"key": k, "url": f"https://example.invalid/{k}.jpg", "status": "success"} for k in keys]

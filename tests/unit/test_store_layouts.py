@@ -13,19 +13,11 @@ import pytest
 
 from rdistill.dev.planted import make_concepts, write_store
 from rdistill.io.store import EmbeddingStore, StoreError
-from tests.published import write_clip_retrieval_store
+from tests.published import partitions, write_clip_retrieval_store
 
 DIM = 8
 # 12 partitions, 3 and 8 empty: clip-retrieval names them 00 .. 11 and writes nothing for 03 and 08
 SIZES = [5, 3, 4, None, 6, 2, 1, 4, None, 3, 5, 2]
-
-
-def _partitions(sizes):
-    parts, start = [], 0
-    for n in sizes:
-        parts.append(None if n is None else slice(start, start + n))
-        start += n or 0
-    return parts, start
 
 
 def _rows(n, seed=0):
@@ -38,7 +30,7 @@ def _rows(n, seed=0):
 
 
 def _clip_retrieval_store(root, sizes, partition_count, metadata=True):
-    parts, n = _partitions(sizes)
+    parts, n = partitions(sizes)
     img, txt, captions, meta = _rows(n)
     write_clip_retrieval_store(root, img, txt, captions, meta if metadata else None, parts, partition_count)
     return img, txt, captions, meta

@@ -1,0 +1,52 @@
+"""Run by test_engine_cluster.py in a subprocess of its own (a Ray cluster per process): the prototype engine
+on a local multi-node cluster (a head with no CPUs, two one-CPU workers) against the local executor, and again
+with one worker node removed in the middle of the assignment pass.
+
+    python -m tests.integration.engine_on_cluster STORE OUT
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RDISTILL_TASK_DELAY"] = "assign:0.6"  # the workers inherit it: time to remove a node mid-pass
+
+
+def main(store: str, out: str) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from rdistill.config import load_config
+    from rdistill.engine import run_prototypes
+
+    out = Path(out)
+    base = ["progress=false", "cluster.num_pairs=20", "embeddings.block_rows=1024"]
+    local = run_prototypes(store, out / "local", load_config(None, [*base, "executor=local"]))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR")
+    results = {"local": local, "worker_ids": [w.node_id for w in workers]}
+    results["ray"] = run_prototypes(store, out / "ray", load_config(None, [*base, "executor=ray"]))
+
+    def remove_when_assigning():
+        while not any((out / "lost" / "_work").glob("labels_*.npy")):
+            time.sleep(0.05)
+        cluster.remove_node(workers[1])
+        results["removed_at_labels"] = len(list((out / "lost" / "_work").glob("labels_*.npy")))
+
+    remover = threading.Thread(target=remove_when_assigning, daemon=True)
+    remover.start()
+    results["lost"] = run_prototypes(store, out / "lost", load_config(None, [*base, "executor=ray"]))
+    remover.join(timeout=60)
+    (out / "results.json").write_text(json.dumps(results, default=str))
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
