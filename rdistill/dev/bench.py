@@ -100,8 +100,11 @@ def run_ours(root: Path, out: Path, num_pairs: int, prune_ratio: float, seed: in
         None,
         [f"cluster.num_pairs={num_pairs}", f"prune.ratio={prune_ratio}", f"seed={seed}", "progress=false", *overrides],
     )
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)  # a finished output of the same store and config would be resumed
     t0 = time.perf_counter()
-    summary = run_prototypes(str(root), out, cfg, overwrite=True)
+    summary = run_prototypes(str(root), out, cfg)
     seconds = time.perf_counter() - t0
     t = pq.read_table(out / "prototypes.parquet")
     return {
