@@ -109,6 +109,11 @@ def test_demo_job_under_ray_job_submit_then_kill_mid_synthesis_and_resubmit(head
     assert summary["embed"]["counts"]["samples"] == 160
     m = summary["prototypes"]["prototypes"]["count"]
     assert m == 12 and summary["synthesize"]["images"] == m
+    # under ray job submit the engine's passes run as Ray tasks on the cluster, not in the driver
+    assert (
+        summary["prototypes"]["executor"] == "ray"
+        and sum(summary["prototypes"]["steps"]["assign"]["nodes"].values()) == 4
+    )
     members = {}
     for tar_path in sorted((full / "distilled" / "shards").glob("*.tar")):
         with tarfile.open(tar_path) as tar:
