@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# One GEMM tile: at most _CHUNK_ELEMS scores (float32: 64 MiB), and at least _TILE_ROWS database rows whatever the
+# number of queries, so the tile stays a large GEMM in both directions.
 _CHUNK_ELEMS = 1 << 24
+_TILE_ROWS = 4096
 
 
 class NearestRows:
@@ -20,18 +23,28 @@ class NearestRows:
         self.best_row = np.full(self.queries.shape[0], -1, dtype=np.int64)
 
     def add(self, block: np.ndarray, rows: np.ndarray) -> None:
-        """block: (b, d) float32 unit rows; rows: (b,) int64 their global ids, increasing."""
-        if block.shape[0] == 0:
+        """block: (b, d) float32 unit rows; rows: (b,) int64 their global ids, increasing (across calls too)."""
+        b, q = block.shape[0], self.queries.shape[0]
+        if b == 0 or q == 0:
             return
-        # (q, rows) GEMMs and a row argmax, in row chunks of at most _CHUNK_ELEMS scores: FAISS's k=1 search is
-        # slow when the queries are few and the database block is large (small GEMM tiles, a heap per query)
-        step = max(1, _CHUNK_ELEMS // self.queries.shape[0])
-        for s in range(0, block.shape[0], step):
-            scores = self.queries @ block[s : s + step].T  # (q, rows): argmax along contiguous rows
-            idx = scores.argmax(1)
-            self._update(scores[np.arange(idx.size), idx], rows[s + idx])
+        block = np.asarray(block, dtype=np.float32)
+        rows = np.asarray(rows, dtype=np.int64)
+        # Exact (q, rows) GEMM tiles and an argmax along each tile's contiguous rows. Tiling over the queries as
+        # well as the rows keeps every tile large: with q = 100k prototypes a row-only chunking under the same
+        # score budget gives 167-row GEMMs that re-stream all queries for every chunk (2.4x slower, measured in
+        # docs/benchmarks.md). FAISS's k=1 search is no faster and its bundled BLAS may not know the CPU.
+        row_step = min(b, max(_TILE_ROWS, _CHUNK_ELEMS // q))
+        q_step = max(1, _CHUNK_ELEMS // row_step)
+        for r0 in range(0, b, row_step):  # row tiles in order: with a strict ">" ties keep the earliest row
+            db_t = block[r0 : r0 + row_step].T
+            for q0 in range(0, q, q_step):
+                scores = self.queries[q0 : q0 + q_step] @ db_t  # (q_step, row_step)
+                idx = scores.argmax(1)  # first maximum: the earliest row within the tile
+                self._update(q0, scores[np.arange(idx.size), idx], rows[r0 + idx])
 
-    def _update(self, score: np.ndarray, row: np.ndarray) -> None:
-        better = score > self.best_score
-        self.best_score[better] = score[better]
-        self.best_row[better] = row[better]
+    def _update(self, q0: int, score: np.ndarray, row: np.ndarray) -> None:
+        best_score = self.best_score[q0 : q0 + score.size]
+        best_row = self.best_row[q0 : q0 + score.size]
+        better = score > best_score
+        best_score[better] = score[better]
+        best_row[better] = row[better]

@@ -3,8 +3,9 @@ import itertools
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from lapjv import lapjv
 
-from rdistill.algo.matching import Contingency, match_clusters
+from rdistill.algo.matching import Contingency, _cosine_lap_sparse, _unit, match_clusters
 
 
 def brute_force_best(counts: np.ndarray) -> int:
@@ -44,10 +45,72 @@ def test_pairless_leftovers_paired_by_centroid_cosine():
     counts[1, 0] = 7
     img_c = np.eye(4, dtype=np.float32)
     txt_c = np.eye(4, dtype=np.float32)[[0, 1, 3, 2]]  # text centroid 2 looks like image centroid 3
-    for dense_max in (0, 4096):
-        m = match_clusters(sp.csr_matrix(counts), img_c, txt_c, dense_max=dense_max)
+    for dense_max, leftover_dense_max in itertools.product((0, 4096), (0, 4096)):
+        m = match_clusters(sp.csr_matrix(counts), img_c, txt_c, dense_max=dense_max,
+                           leftover_dense_max=leftover_dense_max, leftover_k=1)  # fmt: skip
         assert m.txt_of_img.tolist() == [1, 0, 3, 2]
         assert m.shared.tolist() == [5, 7, 0, 0]
+
+
+def _dense_cosine_optimum(a, b):
+    order, _, _ = lapjv(-(a @ b.T).astype(np.float64), force_doubles=True)
+    return order
+
+
+def _in_top_k_graph(a, b, order, k):
+    """Whether every edge (i, order[i]) is among i's k nearest rows of b or order[i]'s k nearest rows of a."""
+    sims = a @ b.T
+    own = sims[np.arange(len(a)), order]
+    rank_ab = (sims > own[:, None]).sum(1)  # rows of b strictly closer to a[i] than its partner
+    rank_ba = (sims[:, order] > own[None, :]).sum(0)  # rows of a strictly closer to b[order[i]] than a[i]
+    return bool(np.all((rank_ab < k) | (rank_ba < k)))
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 64])
+def test_sparse_leftover_pairing_equals_dense_optimum_inside_the_graph(k):
+    # Leftovers above leftover_dense_max are paired on a top-k neighbour graph: always a permutation, never above
+    # the dense optimum's total cosine, and equal to it whenever the optimum's edges are all in the graph.
+    rng = np.random.default_rng(k)
+    inside = 0
+    for trial in range(12):
+        n, d = int(rng.integers(2, 80)), int(rng.choice([4, 16]))
+        a = _unit(rng.standard_normal((n, d)))
+        # some trials: text centroids near a hidden permutation of the image ones (optimum inside small graphs)
+        noise = rng.choice([0.05, 0.5, 3.0])
+        b = _unit(a[rng.permutation(n)] + noise * rng.standard_normal((n, d)).astype(np.float32))
+        order = _cosine_lap_sparse(a, b, k)
+        assert sorted(order.tolist()) == list(range(n)), "not a permutation"
+        best = _dense_cosine_optimum(a, b)
+        got, opt = (a * b[order]).sum(dtype=np.float64), (a * b[best]).sum(dtype=np.float64)
+        assert got <= opt + 1e-4
+        if _in_top_k_graph(a, b, best, k):
+            inside += 1
+            assert got == pytest.approx(opt, abs=n * 2**-20 + 1e-4), (trial, n, noise)
+    assert inside >= 3  # the comparison above ran
+
+
+def test_sparse_leftovers_through_match_clusters_complete_the_permutation():
+    # 40 clusters, 10 with shared pairs, 30 pairless re-paired on the sparse path: a permutation that keeps the
+    # shared-pair matches and pairs the rest by cosine as well as the dense LAP does (k = all of them).
+    rng = np.random.default_rng(5)
+    k, d = 40, 8
+    counts = np.zeros((k, k), dtype=np.int64)
+    counts[np.arange(10), rng.permutation(10) + 5] = rng.integers(1, 9, 10)
+    img_c = rng.standard_normal((k, d)).astype(np.float32)
+    txt_c = rng.standard_normal((k, d)).astype(np.float32)
+    dense = match_clusters(sp.csr_matrix(counts), img_c, txt_c, dense_max=0)
+    sparse = match_clusters(sp.csr_matrix(counts), img_c, txt_c, dense_max=0, leftover_dense_max=0, leftover_k=k)
+    small_k = match_clusters(sp.csr_matrix(counts), img_c, txt_c, dense_max=0, leftover_dense_max=0, leftover_k=2)
+    for m in (dense, sparse, small_k):
+        assert sorted(m.txt_of_img.tolist()) == list(range(k))
+        assert m.objective == counts.max(1).sum()
+        np.testing.assert_array_equal(m.txt_of_img[:10], dense.txt_of_img[:10])
+
+    def cos(m):
+        return (_unit(img_c) * _unit(txt_c)[m.txt_of_img]).sum(dtype=np.float64)
+
+    assert cos(sparse) == pytest.approx(cos(dense), abs=1e-4)
+    assert cos(small_k) <= cos(dense) + 1e-4
 
 
 def test_contingency_sparse_equals_dense():
