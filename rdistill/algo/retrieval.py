@@ -30,9 +30,10 @@ class NearestRows:
         block = np.asarray(block, dtype=np.float32)
         rows = np.asarray(rows, dtype=np.int64)
         # Exact (q, rows) GEMM tiles and an argmax along each tile's contiguous rows. Tiling over the queries as
-        # well as the rows keeps every tile large: with q = 100k prototypes a row-only chunking under the same
-        # score budget gives 167-row GEMMs that re-stream all queries for every chunk (2.4x slower, measured in
-        # docs/benchmarks.md). FAISS's k=1 search is no faster and its bundled BLAS may not know the CPU.
+        # well as the rows keeps every tile a large GEMM: with q = 100k prototypes a row-only chunking under the
+        # same score budget gives 167-row GEMMs that re-read all queries for every chunk (1.24x slower on 2 cores,
+        # `python -m rdistill.dev.bench_matching captions`). FAISS's k=1 search is no faster and the BLAS bundled
+        # with faiss-cpu may not recognise the CPU; numpy's does.
         row_step = min(b, max(_TILE_ROWS, _CHUNK_ELEMS // q))
         q_step = max(1, _CHUNK_ELEMS // row_step)
         for r0 in range(0, b, row_step):  # row tiles in order: with a strict ">" ties keep the earliest row

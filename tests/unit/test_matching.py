@@ -1,4 +1,5 @@
 import itertools
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -133,3 +134,38 @@ def test_explicit_zeros_and_empty_tables():
     assert m.objective == 3 and sorted(m.txt_of_img.tolist()) == [0, 1, 2]
     empty = match_clusters(sp.csr_matrix((4, 4), dtype=np.int64), dense_max=0)
     assert empty.objective == 0 and sorted(empty.txt_of_img.tolist()) == [0, 1, 2, 3]
+
+
+# scipy's LAPJVsp compares reduced costs for equality; with dummy weights 1/(4k) (inexact in binary) it looped
+# forever on this table (and on 5 of 1500 random ones). Run in a child so that a regression fails, not hangs.
+HUNG_WITH_INEXACT_EPS = [
+    [2, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1],
+    [0, 0, 0, 4, 0, 0, 3, 0, 1, 0, 1, 2],
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],
+    [2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1],
+    [0, 4, 1, 3, 0, 0, 0, 0, 0, 0, 2, 0],
+    [0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
+    [0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+    [0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 4],
+    [1, 3, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0],
+    [0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0],
+]
+
+
+def _sparse_objective(counts, out):
+    out.put(match_clusters(sp.csr_matrix(counts), dense_max=0).objective)
+
+
+def test_sparse_solver_terminates_where_inexact_dummy_weights_looped():
+    counts = np.array(HUNG_WITH_INEXACT_EPS)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_sparse_objective, args=(counts, out))
+    child.start()
+    child.join(30)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("sparse LAPJV did not terminate")
+    assert out.get(timeout=5) == match_clusters(sp.csr_matrix(counts), dense_max=4096).objective == 29
