@@ -186,7 +186,7 @@ def _run(store: EmbeddingStore, out: Path, cfg: Config) -> dict:
             info["bytes_read"] = ctx.bytes_read[step]
     summary["executor"] = ex.name
     summary["resumed_steps"] = [name for name, info in rec.steps.items() if info.get("resumed")]
-    summary["contingency_nonzero_cells"] = int(assigned.contingency.to_sparse().nnz)
+    summary["contingency_nonzero_cells"] = matched.contingency_cells
     summary["steps"] = rec.steps
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
     return summary

@@ -61,8 +61,6 @@ class Context:
     def run(self, step: str, fn, items, *, rows: bool = True, **shared):
         """``fn`` over ``items`` (tuples starting with a part) on the executor, results in part order, under a
         progress bar of rows (or of parts)."""
-        if self.cache is not None and fn not in (tasks.histogram_part, tasks.cut_bin_part):
-            shared["cache"] = self.cache
         items = list(items)
         total = self.store.num_rows if rows else len(items)
         with progress(total, step, self.cfg.progress, unit="rows" if rows else "parts") as bar:
@@ -87,7 +85,8 @@ def scan(ctx: Context, rng: np.random.Generator) -> Scanned:
         items.append((p, positions[lo:hi]))
     invalid_per_part: dict[str, int] = {}
     smp = ([], [], [], [])
-    for (p, _), r in zip(items, ctx.run("scan", tasks.scan_part, items, store=store, cfg=cfg, work=ctx.work)):
+    results = ctx.run("scan", tasks.scan_part, items, store=store, cfg=cfg, work=ctx.work, cache=ctx.cache)
+    for (p, _), r in zip(items, results):
         ctx.read("scan", r.bytes_read)
         if r.invalid:
             invalid_per_part[p.img.path] = r.invalid
@@ -168,7 +167,8 @@ def assign(ctx: Context, clusters: Clusters, pruned: Pruned) -> Assigned:
     img_sizes, txt_sizes = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64)
     parts = [(p,) for p in ctx.store.parts]
     for r in ctx.run("assign", tasks.assign_part, parts, store=ctx.store, cfg=ctx.cfg, work=ctx.work, cut=pruned.cut,
-                     img_centroids=clusters.img_centroids, txt_centroids=clusters.txt_centroids):  # fmt: skip
+                     img_centroids=clusters.img_centroids, txt_centroids=clusters.txt_centroids,
+                     cache=ctx.cache):  # fmt: skip
         ctx.read("assign", r.bytes_read)
         contingency.add_counts(r.codes, r.counts)
         img_sizes += r.img_sizes
@@ -183,7 +183,7 @@ def match(assigned: Assigned, clusters: Clusters, cfg: Config) -> Matched:
     plan = plan_cells(counts, matching, cfg.prototypes.pairless)
     log.info("matching (%s): %d shared pairs on the diagonal, %d pairless matches (contingency: %d non-zero cells)",
              matching.solver, matching.objective, int((matching.shared == 0).sum()), counts.nnz)  # fmt: skip
-    return Matched(matching, plan)
+    return Matched(matching, plan, int(counts.nnz))
 
 
 def prototypes(ctx: Context, matched: Matched, clusters: Clusters) -> Prototypes:
@@ -192,7 +192,7 @@ def prototypes(ctx: Context, matched: Matched, clusters: Clusters) -> Prototypes
     means = CellMeans(plan, ctx.cfg.cluster.num_pairs, ctx.store.dim)
     parts = [(p,) for p in ctx.store.parts]
     for sums, n in ctx.run("prototypes", tasks.prototypes_part, parts, store=ctx.store, cfg=ctx.cfg, work=ctx.work,
-                           plan=plan):  # fmt: skip
+                           plan=plan, cache=ctx.cache):  # fmt: skip
         ctx.read("prototypes", n)
         means.add_sums(sums)
     img, txt, img_norms, txt_norms = means.means()
@@ -215,7 +215,7 @@ def captions(ctx: Context, protos: Prototypes) -> Captions:
     best_score = np.full(p, -np.inf, dtype=np.float32)
     parts = [(part,) for part in ctx.store.parts]
     for row, score, n in ctx.run("captions", tasks.captions_part, parts, store=ctx.store, cfg=ctx.cfg, work=ctx.work,
-                                 queries=queries):  # fmt: skip
+                                 queries=queries, cache=ctx.cache):  # fmt: skip
         ctx.read("captions", n)
         better = score > best_score  # parts in order: ties keep the earliest row
         best_row[better], best_score[better] = row[better], score[better]

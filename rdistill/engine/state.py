@@ -62,6 +62,7 @@ class Assigned:
 class Matched:
     matching: Matching
     plan: CellPlan
+    contingency_cells: int  # non-zero cells of the contingency table it was solved on
 
 
 @dataclass
