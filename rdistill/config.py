@@ -57,7 +57,17 @@ class ClusterConfig:
     refine_rounds: int = _f(16, lo=0, doc="split-merge refinement rounds at most (0 disables)")
     refine_niter: int = _f(0, lo=0, doc="Lloyd iterations after each refinement round (0: local relabelling only)")
     final_niter: int = _f(3, lo=0, doc="Lloyd iterations after refinement, when it moved anything")
-    gpu: bool = _f(False, doc="run k-means and assignment on GPU (needs faiss-gpu)")
+    shard_rows: int = _f(
+        65536,
+        lo=64,
+        doc="k-means sample rows per shard: the unit spread over the k-means actors (fixed by the "
+        "config, not by the cluster, so any cluster shape gives the same centroids)",
+    )
+    gpu: bool = _f(
+        False,
+        doc="every search on GPU (k-means actors, assignment, merge costs, captions); needs faiss-gpu, "
+        "checked at start",
+    )
 
 
 @dataclass(frozen=True)
@@ -168,6 +178,13 @@ class Config:
         runtime=True,
     )
     progress: bool = _f(True, doc="progress bars on stderr", runtime=True)
+    checkpoint_seconds: float = _f(
+        60.0,
+        lo=0.0,
+        doc="how often a streaming pass of the prototype engine saves its reduction so far (a killed "
+        "driver resumes after the parts it had reduced); 0: after every part",
+        runtime=True,
+    )
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import sys
 import time
@@ -86,3 +87,15 @@ class RateMeter:
         if self.first is None or self.last <= self.first[0]:
             return None
         return round((self.count - self.first[1]) / (self.last - self.first[0]), 3)
+
+
+DELAY_ENV = "RDISTILL_TASK_DELAY"
+
+
+def delay(step: str) -> None:
+    """Testing hook: with ``RDISTILL_TASK_DELAY=step:seconds[,step:seconds...]`` in a worker's environment, each task
+    or actor call of that step sleeps first, so that a test can remove a node while they run."""
+    for spec in os.environ.get(DELAY_ENV, "").split(","):
+        name, _, seconds = spec.rpartition(":")
+        if name == step:
+            time.sleep(float(seconds))

@@ -1,23 +1,37 @@
-"""k-means for one modality: greedy k-means++ seeding, FAISS Lloyd iterations, then split-merge refinement.
+"""k-means for one modality on a sharded training sample: greedy k-means++ seeding, data-parallel Lloyd iterations,
+then split-merge refinement.
 
 PDS clusters image and text embeddings separately with M clusters (paper section 3.2, appendix C.1: mini-batch
 k-means). On web data the concept frequencies are heavy-tailed: with plain seeding, frequent concepts soak up several
 centroids while rare ones share one, and Lloyd iterations never undo that. Two things fix it here:
 
 * greedy k-means++ seeding (Arthur & Vassilvitskii 2007, with ``2 + log k`` candidates per step as in scikit-learn),
-  run on a subsample of the training sample so its cost stays ``O(k^2 d)``;
+  run on a gathered subsample of the training sample so its cost stays ``O(k^2 d)``;
 * split-merge refinement: the cheapest merge of two clusters (Ward's increase of the sum of squared errors,
   ``n_a n_b / (n_a + n_b) |c_a - c_b|^2``) is traded for the most profitable split of another cluster (SSE decrease of
-  a bisection along its principal direction) whenever the split gains more than the merge costs; Lloyd iterations
-  follow each round. Empty clusters merge at zero cost, so they are re-seeded where they help most.
+  a bisection along its principal direction, found by power iteration) whenever the split gains more than the merge
+  costs. Empty clusters merge at zero cost, so they are re-seeded where they help most.
 
 Every accepted move lowers the sample's SSE, so refinement only improves the k-means objective.
+
+The sample never sits in one place. It is cut into shards of ``shard_rows`` consecutive rows (fixed by the config, not
+by the number of workers), each a :class:`KMeansShard` that keeps its rows, labels and projections; the fit
+(:func:`fit_sharded`) only broadcasts centroids, directions and cuts and reads back per-cluster sums, counts and
+SSE. Every float partial is rounded per shard to a fixed-point integer grid (:class:`FixedPoint`) before shards are
+added, so the sums are exact and their order does not matter: the same shards give the same centroids bit for bit
+whether they sit in one process (:class:`LocalShards`) or are spread over any number of Ray actors
+(:mod:`rdistill.engine.pool`), provided each shard is computed alike.
+
+A shard set may lose shards mid-call (a node died); it then raises :class:`ShardsLost` after moving them to the
+survivors, and the fit redoes the phase it was in from that phase's start (a Lloyd step, or the refinement from the
+Lloyd centroids). Phases depend only on the centroids they start from, so the result is that of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import faiss
@@ -31,7 +45,7 @@ _CHUNK = 65536
 
 @dataclass(frozen=True)
 class KMeansStats:
-    """What :func:`fit_kmeans` did: SSE on the training sample after Lloyd and after refinement, moves accepted,
+    """What :func:`fit_sharded` did: SSE on the training sample after Lloyd and after refinement, moves accepted,
     and the floating-point work of its distance computations (for benchmarks against a GEMM floor)."""
 
     sample_size: int
@@ -42,6 +56,30 @@ class KMeansStats:
     refine_rounds: int
     empty_clusters: int
     gemm_gflop: float  # distance computations done (seeding, Lloyd, searches): 2 n k d per full pass
+    shards: int = 1
+    restarts: int = 0  # phases redone after shards were lost
+
+
+def flat_index(centroids: np.ndarray, gpu: bool, resources=None) -> faiss.Index:
+    """A FAISS exact L2 index holding ``centroids`` (k, d) float32, on GPU 0 when ``gpu`` (``resources``: a
+    ``faiss.StandardGpuResources`` to reuse)."""
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    if gpu:
+        check_faiss_gpu()
+        index = faiss.index_cpu_to_gpu(resources or faiss.StandardGpuResources(), 0, index)
+    return index
+
+
+def check_faiss_gpu() -> int:
+    """The number of GPUs this process's faiss sees; raises RuntimeError naming the problem when it has no GPU
+    support or sees none (faiss-cpu installed, no CUDA device)."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        raise RuntimeError("this faiss has no GPU support (faiss-cpu is installed: install faiss-gpu instead)")
+    n = faiss.get_num_gpus()
+    if n < 1:
+        raise RuntimeError("faiss has GPU support but sees no GPU (CUDA_VISIBLE_DEVICES, driver)")
+    return n
 
 
 def nearest_centroid(x: np.ndarray, centroids: np.ndarray, index: faiss.Index | None = None):
@@ -105,25 +143,7 @@ def pca_project(x: np.ndarray, dims: int) -> np.ndarray:
     return np.ascontiguousarray(centred @ vecs[:, -dims:].astype(np.float32))
 
 
-def _lloyd(x: np.ndarray, centroids: np.ndarray, niter: int, seed: int, gpu: bool) -> np.ndarray:
-    if niter <= 0:
-        return centroids
-    k, d = centroids.shape
-    km = faiss.Kmeans(
-        d,
-        k,
-        niter=niter,
-        seed=seed,
-        gpu=gpu,
-        verbose=False,
-        max_points_per_centroid=1 << 30,
-        min_points_per_centroid=1,
-    )
-    km.train(x, init_centroids=np.ascontiguousarray(centroids, dtype=np.float32))
-    return np.asarray(km.centroids, dtype=np.float32).copy()
-
-
-def _cluster_sums(x: np.ndarray, labels: np.ndarray, k: int, weights: np.ndarray | None = None) -> np.ndarray:
+def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int, weights: np.ndarray | None = None) -> np.ndarray:
     """sum_i w_i x_i per cluster, (k, d) float64, without copying x (float32 weights keep scipy from upcasting x)."""
     w = np.ones(labels.shape[0], dtype=np.float32) if weights is None else weights.astype(np.float32)
     s = sp.csr_matrix((w, (labels, np.arange(labels.shape[0]))), shape=(k, labels.shape[0]))
@@ -139,60 +159,217 @@ def _rowwise_dot(x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def split_gains(
-    x: np.ndarray, labels: np.ndarray, k: int, power_iters: int = 4, two_means_iters: int = 5, seed: int = 0
-):
-    """Best bisection of every cluster along its principal direction.
+class FixedPoint:
+    """Exact, order-free sums of float partials: each shard's float64 partial is rounded to multiples of
+    ``2**-bits`` and held as int64, and int64 sums are associative. ``bits`` comes from a bound on any partial's
+    magnitude (:meth:`for_sample`), so no sum can overflow."""
 
-    Returns gain (k,) float64 (SSE decrease if the cluster is split; 0 for clusters of fewer than 2 points) and
-    upper (n,) bool (the point goes to the second half). Vectorised over clusters: ``O(n d)`` per power iteration.
-    x: (n, d) float32; labels: (n,) int in [0, k).
+    def __init__(self, bits: int):
+        self.bits = int(bits)
+        self.scale = float(2.0**self.bits)
+
+    @classmethod
+    def for_sample(cls, rows: int, max_sqnorm: float) -> FixedPoint:
+        """The grid for a sample of ``rows`` rows whose largest squared norm is ``max_sqnorm``: every partial of a
+        shard op (sums of x, of x^2, of projections times x, of squared distances) is at most ``4 rows max(|x|^2,
+        1)`` in magnitude; 62 bits hold that with a bit to spare."""
+        bound = 4.0 * max(rows, 1) * max(float(max_sqnorm), 1.0)
+        return cls(int(np.clip(61 - math.ceil(math.log2(bound)), 0, 52)))
+
+    def encode(self, a: np.ndarray) -> np.ndarray:
+        return np.rint(np.asarray(a, dtype=np.float64) * self.scale).astype(np.int64)
+
+    def decode(self, a: np.ndarray) -> np.ndarray:
+        return np.asarray(a, dtype=np.float64) / self.scale
+
+
+def add_partials(total: dict | None, part: dict) -> dict:
+    """Add two op results (dicts of int64 arrays, floats already fixed-point encoded), key by key."""
+    if total is None:
+        return {k: np.array(v, copy=True) for k, v in part.items()}
+    for k, v in part.items():
+        total[k] += v
+    return total
+
+
+class KMeansShard:
+    """One shard of a k-means training sample and the per-row state of a fit on it.
+
+    x: (n, d) float32 rows, the rows ``[offset, offset + n)`` of the sample. Each op broadcasts small arrays in and
+    returns a dict of partials: per-cluster sums as float64 (``fixed`` names them) and counts as int64; the shard set
+    encodes the floats (:class:`FixedPoint`) and adds shards. ``labels``, ``proj`` and ``upper`` carry from op to op
+    within one phase of a fit, never across phases.
     """
-    d = x.shape[1]
-    x_sq = _sqnorms(x).astype(np.float64)
-    counts = np.bincount(labels, minlength=k).astype(np.float64)
-    sums = _cluster_sums(x, labels, k)
-    means = sums / np.maximum(counts, 1)[:, None]
-    sse = np.bincount(labels, weights=x_sq, minlength=k) - counts * _sqnorms(means)
-    v = np.random.default_rng(seed).standard_normal((k, d))
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    for _ in range(power_iters):
-        # covariance-vector product per cluster: sum_i (x_i - m)(x_i - m).v = sum_i p_i x_i - m sum_i p_i
-        proj = _rowwise_dot(x, v.astype(np.float32), labels) - np.einsum("ij,ij->i", means, v)[labels]
-        v = _cluster_sums(x, labels, k, proj) - means * np.bincount(labels, weights=proj, minlength=k)[:, None]
-        norm = np.linalg.norm(v, axis=1, keepdims=True)
-        v = np.where(norm > 0, v / np.where(norm > 0, norm, 1), v)
-    proj = _rowwise_dot(x, v.astype(np.float32), labels) - np.einsum("ij,ij->i", means, v)[labels]
-    # Bisect along v by 1-D 2-means on the projections, not at the mean: a small concept merged into a large one
-    # sits far out on one side, and a cut at the mean would halve the large one instead of isolating it.
-    upper = proj > 0
-    for _ in range(two_means_iters):
-        n_up = np.bincount(labels, weights=upper, minlength=k)
-        s_up = np.bincount(labels, weights=proj * upper, minlength=k)
-        s_all = np.bincount(labels, weights=proj, minlength=k)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cut = 0.5 * (s_up / n_up + (s_all - s_up) / (counts - n_up))
-        cut = np.where(np.isfinite(cut), cut, 0.0)
-        upper = proj > cut[labels]
-    side = labels * 2 + upper
-    h_counts = np.bincount(side, minlength=2 * k).astype(np.float64)
-    h_sums = _cluster_sums(x, side, 2 * k)
-    h_means = h_sums / np.maximum(h_counts, 1)[:, None]
-    h_sse = np.bincount(side, weights=x_sq, minlength=2 * k) - h_counts * _sqnorms(h_means)
-    gain = sse - h_sse.reshape(k, 2).sum(1)
-    gain[(h_counts.reshape(k, 2) == 0).any(1)] = 0.0
-    return np.maximum(gain, 0.0), upper
+
+    def __init__(self, x: np.ndarray, offset: int, gpu: bool = False, resources=None):
+        self.x = np.ascontiguousarray(x, dtype=np.float32)
+        self.offset = int(offset)
+        self.n = self.x.shape[0]
+        self.gpu, self.resources = gpu, resources
+        self.labels = np.zeros(self.n, dtype=np.int64)
+        self.upper = np.zeros(self.n, dtype=bool)
+        self.proj = np.zeros(self.n, dtype=np.float64)
+        self._xsq: np.ndarray | None = None
+
+    @property
+    def xsq(self) -> np.ndarray:
+        if self._xsq is None:
+            self._xsq = _sqnorms(self.x).astype(np.float64)
+        return self._xsq
+
+    def max_sqnorm(self) -> float:
+        return float(self.xsq.max()) if self.n else 0.0
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """The rows at sample indices ``idx`` (sorted, global) that fall in this shard, (m, d) float32."""
+        lo, hi = np.searchsorted(idx, [self.offset, self.offset + self.n])
+        return self.x[idx[lo:hi] - self.offset]
+
+    # Lloyd ----------------------------------------------------------------------------------------------------------
+    def assign(self, centroids: np.ndarray, sums: bool = True) -> dict:
+        """Label each row with its nearest centroid; counts (k,), SSE (1,) and (``sums``) per-cluster sums (k, d)."""
+        k = centroids.shape[0]
+        index = flat_index(centroids, True, self.resources) if self.gpu else None
+        self.labels, dist = nearest_centroid(self.x, centroids, index)
+        out = {
+            "counts": np.bincount(self.labels, minlength=k).astype(np.int64),
+            "sse": np.array([dist.sum(dtype=np.float64)]),
+        }
+        if sums:
+            out["sums"] = cluster_sums(self.x, self.labels, k)
+        return out
+
+    # split gains on the stale clusters ``sid`` (ks,) ----------------------------------------------------------------
+    def _stale(self, sid: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.full(k, -1, dtype=np.int64)
+        pos[sid] = np.arange(sid.size)
+        p = pos[self.labels]
+        idx = np.flatnonzero(p >= 0)
+        return idx, p[idx]
+
+    def split_stats(self, sid: np.ndarray, k: int) -> dict:
+        """Per stale cluster: counts (ks,), sums (ks, d), sums of squared norms (ks,)."""
+        idx, p = self._stale(sid, k)
+        return {
+            "counts": np.bincount(p, minlength=sid.size).astype(np.int64),
+            "sums": cluster_sums(self.x[idx], p, sid.size),
+            "xsq": np.bincount(p, weights=self.xsq[idx], minlength=sid.size),
+        }
+
+    def _project(self, sid: np.ndarray, k: int, means: np.ndarray, v: np.ndarray):
+        idx, p = self._stale(sid, k)
+        proj = _rowwise_dot(self.x[idx], v.astype(np.float32), p) - np.einsum("ij,ij->i", means, v)[p]
+        return idx, p, proj
+
+    def power(self, sid: np.ndarray, k: int, means: np.ndarray, v: np.ndarray) -> dict:
+        """One power-iteration step of each stale cluster's covariance: sum_i p_i x_i (ks, d) and sum_i p_i (ks,),
+        p_i = (x_i - m) . v (the covariance-vector product is ``sum_i p_i x_i - m sum_i p_i``)."""
+        idx, p, proj = self._project(sid, k, means, v)
+        return {"wsum": cluster_sums(self.x[idx], p, sid.size, proj),
+                "psum": np.bincount(p, weights=proj, minlength=sid.size)}  # fmt: skip
+
+    def project(self, sid: np.ndarray, k: int, means: np.ndarray, v: np.ndarray) -> dict:
+        """Keep each stale row's projection on its cluster's direction; their per-cluster sums (ks,)."""
+        idx, p, proj = self._project(sid, k, means, v)
+        self.proj[idx] = proj
+        return {"psum": np.bincount(p, weights=proj, minlength=sid.size)}
+
+    def bisect(self, sid: np.ndarray, k: int, cut: np.ndarray, halves: bool = False) -> dict:
+        """Put each stale row on the upper side when its projection exceeds its cluster's ``cut`` (ks,); the
+        upper sides' counts and projection sums (ks,), or with ``halves`` the two halves' counts (2 ks,), sums
+        (2 ks, d) and sums of squared norms (2 ks,), halves ordered (lower, upper) per cluster."""
+        idx, p = self._stale(sid, k)
+        up = self.proj[idx] > cut[p]
+        self.upper[idx] = up
+        if not halves:
+            return {"n_up": np.bincount(p, weights=up, minlength=sid.size).astype(np.int64),
+                    "s_up": np.bincount(p, weights=self.proj[idx] * up, minlength=sid.size)}  # fmt: skip
+        side = p * 2 + up
+        return {
+            "h_counts": np.bincount(side, minlength=2 * sid.size).astype(np.int64),
+            "h_sums": cluster_sums(self.x[idx], side, 2 * sid.size),
+            "h_xsq": np.bincount(side, weights=self.xsq[idx], minlength=2 * sid.size),
+        }
+
+    def apply(self, relabel: np.ndarray, split_to: np.ndarray) -> dict:
+        """Merge and split moves: label l becomes ``relabel[l]``; the upper rows of a split cluster s go to
+        ``split_to[s]`` (>= 0). Counts (k,) and sums (k, d) of the new clusters."""
+        k = relabel.shape[0]
+        new = relabel[self.labels]
+        moved = (split_to[self.labels] >= 0) & self.upper
+        new[moved] = split_to[self.labels[moved]]
+        self.labels = new
+        return {"counts": np.bincount(new, minlength=k).astype(np.int64), "sums": cluster_sums(self.x, new, k)}
 
 
-def merge_costs(centroids: np.ndarray, counts: np.ndarray, neighbours: int = 8):
+FIXED = frozenset({"sums", "sse", "xsq", "wsum", "psum", "s_up", "h_sums", "h_xsq"})  # float partials
+
+
+def run_on_shards(shards: list[KMeansShard], fp: FixedPoint, op: str, *args, **kwargs) -> dict:
+    """``op`` on each shard in order, float partials encoded with ``fp``, added: exact, so any grouping of the
+    shards (one process, any number of actors) gives the same int64 totals."""
+    total = None
+    for s in shards:
+        part = getattr(s, op)(*args, **kwargs)
+        total = add_partials(total, {k: fp.encode(v) if k in FIXED else v for k, v in part.items()})
+    return total or {}
+
+
+class ShardsLost(Exception):  # noqa: N818 (a signal to redo a phase, not an error)
+    """Raised by a shard set when shards were lost mid-call (and already moved to surviving holders)."""
+
+
+class LocalShards:
+    """All shards in this process: the local executor's shard set, and the reference for any other.
+
+    ``shards``: the :class:`KMeansShard` list in sample order. ``call`` runs an op on every shard and returns the
+    exact total, floats decoded to float64; ``gather`` returns the rows at given sample indices; ``knn`` searches
+    a small base (merge costs) where the shards' compute is (GPU when ``gpu``)."""
+
+    def __init__(self, shards: list[KMeansShard], gpu: bool = False):
+        self.shards, self.gpu = shards, gpu
+        self.rows = sum(s.n for s in shards)
+        self.fp = FixedPoint.for_sample(self.rows, max((s.max_sqnorm() for s in shards), default=0.0))
+        self.calls = 0
+
+    @classmethod
+    def from_array(cls, x: np.ndarray, shard_rows: int, gpu: bool = False) -> LocalShards:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        res = faiss.StandardGpuResources() if gpu else None
+        return cls([KMeansShard(x[s : s + shard_rows], s, gpu, res) for s in range(0, x.shape[0], shard_rows)], gpu)
+
+    def call(self, op: str, *args, **kwargs) -> dict:
+        self.calls += 1
+        return decode(run_on_shards(self.shards, self.fp, op, *args, **kwargs), self.fp)
+
+    def gather(self, idx: np.ndarray) -> np.ndarray:
+        return np.concatenate([s.rows(idx) for s in self.shards])
+
+    def knn(self, queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return knn_search(queries, base, k, self.gpu)
+
+
+def knn_search(queries: np.ndarray, base: np.ndarray, k: int, gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Exact squared-L2 top-k of each query row in ``base``: (q, k) float32 distances, (q, k) int64 indices."""
+    queries, base = np.ascontiguousarray(queries, dtype=np.float32), np.ascontiguousarray(base, dtype=np.float32)
+    if not gpu:
+        return faiss.knn(queries, base, k)
+    return flat_index(base, True).search(queries, k)
+
+
+def decode(total: dict, fp: FixedPoint) -> dict:
+    return {k: fp.decode(v) if k in FIXED else v for k, v in total.items()}
+
+
+def merge_costs(centroids: np.ndarray, counts: np.ndarray, neighbours: int = 8, knn: Callable | None = None):
     """Cheapest Ward merge of each cluster with one of its nearest centroids.
 
     Returns cost (k,) float64 and partner (k,) int64; ``cost = n_a n_b / (n_a + n_b) |c_a - c_b|^2`` (0 for an empty
-    cluster, which merges for free).
+    cluster, which merges for free). ``knn(queries, base, k)``: the search to use (default: FAISS on this CPU).
     """
     k = centroids.shape[0]
     kn = min(k, neighbours + 1)
-    dist, nbr = faiss.knn(np.ascontiguousarray(centroids), np.ascontiguousarray(centroids), kn)
+    dist, nbr = (knn or knn_search)(centroids, centroids, kn)
     counts = counts.astype(np.float64)
     na, nb = counts[:, None], counts[nbr]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -224,29 +401,63 @@ def _plan_moves(gain: np.ndarray, cost: np.ndarray, partner: np.ndarray, min_gai
     return moves
 
 
-def _apply_moves(x, labels, upper, centroids, moves):
-    """Merge b into a and split s into (s, b) for every move (a, b, s): points of b join a, the upper half of s goes
-    to the freed slot b; centroids become the means of their new members. The SSE drops by exactly
-    sum(gain - cost) of the moves, with no search over all centroids."""
-    k = centroids.shape[0]
+def _means(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    return sums / np.maximum(counts, 1)[:, None]
+
+
+def split_gains(shards, sid: np.ndarray, k: int, d: int, seed: int, power_iters: int = 4,
+                two_means_iters: int = 5) -> np.ndarray:  # fmt: skip
+    """Best bisection of each cluster in ``sid`` (ks,) along its principal direction, over a shard set; returns
+    the gains (ks,) float64 (SSE decrease if split; 0 for clusters that cannot be split) and leaves each stale row's
+    side in its shard's ``upper``. The direction comes from ``power_iters`` distributed power iterations; the cut
+    along it from 1-D 2-means on the projections, not the mean: a small concept merged into a large one sits far out
+    on one side, and a cut at the mean would halve the large one instead of isolating it."""
+    st = shards.call("split_stats", sid, k)
+    counts = st["counts"].astype(np.float64)
+    means = _means(st["sums"], counts)
+    sse = st["xsq"] - counts * _sqnorms(means)
+    v = np.random.default_rng(seed).standard_normal((sid.size, d))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    for _ in range(power_iters):
+        r = shards.call("power", sid, k, means, v)
+        v = r["wsum"] - means * r["psum"][:, None]
+        norm = np.linalg.norm(v, axis=1, keepdims=True)
+        v = np.where(norm > 0, v / np.where(norm > 0, norm, 1), v)
+    s_all = shards.call("project", sid, k, means, v)["psum"]
+    cut = np.zeros(sid.size)
+    for _ in range(two_means_iters):
+        r = shards.call("bisect", sid, k, cut)
+        n_up, s_up = r["n_up"].astype(np.float64), r["s_up"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cut = 0.5 * (s_up / n_up + (s_all - s_up) / (counts - n_up))
+        cut = np.where(np.isfinite(cut), cut, 0.0)
+    h = shards.call("bisect", sid, k, cut, halves=True)
+    h_counts = h["h_counts"].astype(np.float64)
+    h_sse = h["h_xsq"] - h_counts * _sqnorms(_means(h["h_sums"], h_counts))
+    gain = sse - h_sse.reshape(-1, 2).sum(1)
+    gain[(h_counts.reshape(-1, 2) == 0).any(1)] = 0.0
+    return np.maximum(gain, 0.0)
+
+
+def _moves_to_maps(k: int, moves: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
     relabel = np.arange(k)
     split_to = np.full(k, -1)
     for a, b, s in moves:
         relabel[b] = a
         split_to[s] = b
-    new = relabel[labels]
-    moved = (split_to[labels] >= 0) & upper
-    new[moved] = split_to[labels[moved]]
-    counts = np.bincount(new, minlength=k)
-    sums = _cluster_sums(x, new, k)
-    filled = counts > 0
-    centroids = centroids.copy()
-    centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
-    return new, centroids
+    return relabel, split_to
 
 
-def fit_kmeans(
-    x: np.ndarray,
+def _centroids_from(r: dict, old: np.ndarray) -> np.ndarray:
+    """Means of the clusters that have members; empty ones keep their old centroid (refinement re-seeds them)."""
+    c = old.copy()
+    filled = r["counts"] > 0
+    c[filled] = (r["sums"][filled] / r["counts"][filled, None]).astype(np.float32)
+    return c
+
+
+def fit_sharded(
+    shards,
     k: int,
     *,
     niter: int = 10,
@@ -259,77 +470,121 @@ def fit_kmeans(
     final_niter: int = 3,
     min_gain_ratio: float = 1.0,
     seed: int = 0,
-    gpu: bool = False,
+    max_restarts: int = 8,
+    on_phase: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, KMeansStats]:
-    """k-means on a training sample.
+    """k-means on a sharded training sample (:class:`LocalShards`, or a pool of Ray actors holding the shards).
 
-    x: (n, d) float32 sample (n >= k). ``init`` is ``"kmeans++"`` (greedy, on at most ``seed_points_per_centroid * k``
-    rows projected on their top ``seed_dims`` principal components), ``"random"`` (k distinct rows), or ``"auto"``
-    (k-means++ up to ``kmeanspp_max_k`` clusters). Then ``niter`` Lloyd iterations (FAISS, GPU when ``gpu``), then
-    up to ``refine_rounds`` rounds of split-merge moves (members relabelled locally, plus ``refine_niter`` Lloyd
-    iterations per round if > 0) and ``final_niter`` Lloyd iterations once refinement moved anything; a move is
-    taken when its split gain exceeds ``min_gain_ratio`` times its merge
-    cost. Returns centroids (k, d) float32 and :class:`KMeansStats`.
+    ``init`` is ``"kmeans++"`` (greedy, on at most ``seed_points_per_centroid * k`` rows gathered from the shards and
+    projected on their top ``seed_dims`` principal components), ``"random"`` (k distinct rows), or ``"auto"``
+    (k-means++ up to ``kmeanspp_max_k`` clusters). Then ``niter`` Lloyd iterations (each: nearest centroids on every
+    shard, per-cluster sums reduced, new centroids the means; an empty cluster keeps its centroid), then up to
+    ``refine_rounds`` rounds of split-merge moves (members relabelled on the shards, plus ``refine_niter`` Lloyd
+    iterations per round if > 0), and ``final_niter`` Lloyd iterations once refinement moved anything; a move is
+    taken when its split gain exceeds ``min_gain_ratio`` times its merge cost. ``on_phase(name)`` is called as each
+    phase starts (progress). Returns centroids (k, d) float32 and :class:`KMeansStats`.
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n = x.shape[0]
+    n = shards.rows
     if n < k:
         raise ValueError(f"k-means needs at least k={k} points, got {n}")
     rng = np.random.default_rng(seed)
-    d = x.shape[1]
-    passes = 0.0  # full (n x k) distance passes
+    restarts = 0
+
+    def phase(name: str, fn):
+        nonlocal restarts
+        while True:
+            if on_phase is not None:
+                on_phase(name)
+            try:
+                return fn()
+            except ShardsLost as e:
+                restarts += 1
+                if restarts > max_restarts:
+                    raise RuntimeError(f"k-means: shards lost {restarts} times, giving up") from e
+                log.warning("k-means: %s; redoing %s from its start", e, name)
+
     method = ("kmeans++" if k <= kmeanspp_max_k else "random") if init == "auto" else init
+    passes = 0.0  # full (n x k) distance passes
     if method == "kmeans++":
         m = min(n, max(k, seed_points_per_centroid * k))
-        sub = x if m == n else x[np.sort(rng.choice(n, size=m, replace=False))]
-        centroids = sub[kmeanspp(pca_project(sub, seed_dims), k, rng)]
+        idx = np.arange(n) if m == n else np.sort(rng.choice(n, size=m, replace=False))
+        sub = phase("seeding", lambda: shards.gather(idx))
+        centroids = np.ascontiguousarray(sub[kmeanspp(pca_project(sub, seed_dims), k, rng)])
         passes += (2 + int(math.log(k))) * m / n
     elif method == "random":
-        centroids = x[np.sort(rng.choice(n, size=k, replace=False))].copy()
+        idx = np.sort(rng.choice(n, size=k, replace=False))
+        centroids = np.ascontiguousarray(phase("seeding", lambda: shards.gather(idx)))
     else:
         raise ValueError(f"unknown k-means init {init!r}: use auto, kmeans++ or random")
-    centroids = _lloyd(x, centroids, niter, seed, gpu)
-    labels, dist = nearest_centroid(x, centroids)
-    passes += niter + 1
-    sse_lloyd = float(dist.sum(dtype=np.float64))
-    moves_total = rounds = 0
-    # Moves leave the members of the clusters they do not touch as they were, so only touched ("stale") clusters
-    # need their split re-evaluated: after the first round that is a small share of the sample.
-    gain, upper, stale = np.zeros(k), np.zeros(n, dtype=bool), np.ones(k, dtype=bool)
-    for rounds in range(1, refine_rounds + 1):
-        counts = np.bincount(labels, minlength=k)
-        idx = np.flatnonzero(stale[labels])
-        if idx.size == n:
-            new_gain, upper = split_gains(x, labels, k, seed=seed + rounds)
-        else:
-            new_gain, upper[idx] = split_gains(x[idx], labels[idx], k, seed=seed + rounds)
-        gain[stale] = new_gain[stale]
-        cost, partner = merge_costs(centroids, counts)
-        moves = _plan_moves(gain, cost, partner, min_gain_ratio)
-        if not moves:
-            rounds -= 1
-            break
-        labels, centroids = _apply_moves(x, labels, upper, centroids, moves)
-        moves_total += len(moves)
-        stale[:] = False
-        stale[np.asarray(moves).ravel()] = True
-        if refine_niter > 0:
-            centroids = _lloyd(x, centroids, refine_niter, seed + rounds, gpu)
-            labels, _ = nearest_centroid(x, centroids)
-            passes += refine_niter + 1
-            stale[:] = True
+    d = centroids.shape[1]
+
+    def lloyd(c: np.ndarray, iters: int, name: str) -> np.ndarray:
+        for it in range(iters):
+            c = phase(f"{name} {it + 1}/{iters}", lambda c=c: _centroids_from(shards.call("assign", c), c))
+        return c
+
+    centroids = lloyd(centroids, niter, "lloyd")
+    passes += niter
+
+    def refine(c: np.ndarray):
+        """From Lloyd's centroids: label the sample, then split-merge rounds. State lives on the shards, so a
+        lost shard redoes all of this."""
+        r = shards.call("assign", c, sums=False)
+        counts, sse_lloyd, p = r["counts"], float(r["sse"][0]), 1.0
+        moves_total = rounds = 0
+        gain, stale = np.zeros(k), np.ones(k, dtype=bool)
+        for rounds in range(1, refine_rounds + 1):
+            sid = np.flatnonzero(stale)
+            gain[sid] = split_gains(shards, sid, k, d, seed + rounds)
+            cost, partner = merge_costs(c, counts, knn=shards.knn)
+            moves = _plan_moves(gain, cost, partner, min_gain_ratio)
+            if not moves:
+                rounds -= 1
+                break
+            r = shards.call("apply", *_moves_to_maps(k, moves))
+            c, counts = _centroids_from(r, c), r["counts"]
+            moves_total += len(moves)
+            stale[:] = False
+            stale[np.asarray(moves).ravel()] = True
+            if refine_niter > 0:
+                c = _lloyd_inline(shards, c, refine_niter)
+                counts = shards.call("assign", c, sums=False)["counts"]
+                p += refine_niter + 1
+                stale[:] = True
+        return c, counts, sse_lloyd, moves_total, rounds, p
+
+    centroids, counts, sse_lloyd, moves_total, rounds, p = phase("refine", lambda: refine(centroids))
+    passes += p
+    sse_final = sse_lloyd
     if moves_total:
-        centroids = _lloyd(x, centroids, final_niter, seed, gpu)
-        labels, dist = nearest_centroid(x, centroids)
+        centroids = lloyd(centroids, final_niter, "final lloyd")
+        r = phase("final assign", lambda: shards.call("assign", centroids, sums=False))
+        counts, sse_final = r["counts"], float(r["sse"][0])
         passes += final_niter + 1
     stats = KMeansStats(
         sample_size=n,
         init=method,
         sse_lloyd=sse_lloyd,
-        sse_final=float(dist.sum(dtype=np.float64)),
+        sse_final=sse_final,
         refine_moves=moves_total,
         refine_rounds=rounds,
-        empty_clusters=int((np.bincount(labels, minlength=k) == 0).sum()),
+        empty_clusters=int((counts == 0).sum()),
         gemm_gflop=2.0 * n * k * d * passes / 1e9,
+        shards=len(getattr(shards, "shards", ())) or int(getattr(shards, "num_shards", 1)),
+        restarts=restarts,
     )
     return centroids, stats
+
+
+def _lloyd_inline(shards, c: np.ndarray, iters: int) -> np.ndarray:
+    for _ in range(iters):
+        c = _centroids_from(shards.call("assign", c), c)
+    return c
+
+
+def fit_kmeans(x: np.ndarray, k: int, *, shard_rows: int = 1 << 16, gpu: bool = False, **kwargs):
+    """:func:`fit_sharded` on an in-memory sample ``x`` (n, d) float32, cut into shards of ``shard_rows`` rows."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[0] < k:
+        raise ValueError(f"k-means needs at least k={k} points, got {x.shape[0]}")
+    return fit_sharded(LocalShards.from_array(x, shard_rows, gpu), k, **kwargs)

@@ -58,8 +58,16 @@ class Contingency:
         counts = np.concatenate(self._counts)
         uniq, inv = np.unique(codes, return_inverse=True)
         self._codes = [uniq]
-        self._counts = [np.bincount(inv, weights=counts, minlength=uniq.size).astype(np.int64)]
+        total = np.bincount(inv, weights=counts, minlength=uniq.size)
+        # int32 counts on the non-zero cells (int64 codes): 12 bytes a cell, unless a cell outgrows int32
+        self._counts = [total.astype(np.int32 if total.max(initial=0) < 2**31 else np.int64)]
         self._pending = self._compacted = uniq.size
+
+    def nbytes(self) -> int:
+        """Bytes the table holds now (codes and counts, or the dense table)."""
+        if self._dense is not None:
+            return int(self._dense.nbytes)
+        return int(sum(a.nbytes for a in self._codes) + sum(a.nbytes for a in self._counts))
 
     def to_sparse(self) -> sp.csr_matrix:
         """(k, k) int64 CSR matrix of counts."""
@@ -68,7 +76,7 @@ class Contingency:
         if not self._codes:
             return sp.csr_matrix((self.k, self.k), dtype=np.int64)
         self._compact()
-        codes, counts = self._codes[0], self._counts[0]
+        codes, counts = self._codes[0], self._counts[0].astype(np.int64)
         return sp.csr_matrix((counts, (codes // self.k, codes % self.k)), shape=(self.k, self.k))
 
 

@@ -14,10 +14,12 @@ class NearestRows:
     """Running top-1 inner product of each query over database blocks that arrive one at a time.
 
     queries: (q, d) float32, unit rows. After all blocks, ``best_row`` (q,) int64 holds the global id of the best
-    row (-1 if none) and ``best_score`` (q,) float32 its score; ties keep the earliest row.
+    row (-1 if none) and ``best_score`` (q,) float32 its score; ties keep the earliest row (on GPU, ``gpu``: a
+    FAISS inner-product search per block, where ties within a block may fall on either row).
     """
 
-    def __init__(self, queries: np.ndarray):
+    def __init__(self, queries: np.ndarray, gpu: bool = False):
+        self.gpu = gpu
         self.queries = np.ascontiguousarray(queries, dtype=np.float32)
         self.best_score = np.full(self.queries.shape[0], -np.inf, dtype=np.float32)
         self.best_row = np.full(self.queries.shape[0], -1, dtype=np.int64)
@@ -29,6 +31,9 @@ class NearestRows:
             return
         block = np.asarray(block, dtype=np.float32)
         rows = np.asarray(rows, dtype=np.int64)
+        if self.gpu:
+            self._add_gpu(block, rows)
+            return
         # Exact (q, rows) GEMM tiles and an argmax along each tile's contiguous rows. Tiling over the queries as
         # well as the rows keeps every tile a large GEMM: with q = 100k prototypes a row-only chunking under the
         # same score budget gives 167-row GEMMs that re-read all queries for every chunk (1.24x slower on 2 cores,
@@ -42,6 +47,19 @@ class NearestRows:
                 scores = self.queries[q0 : q0 + q_step] @ db_t  # (q_step, row_step)
                 idx = scores.argmax(1)  # first maximum: the earliest row within the tile
                 self._update(q0, scores[np.arange(idx.size), idx], rows[r0 + idx])
+
+    def _add_gpu(self, block: np.ndarray, rows: np.ndarray) -> None:
+        import faiss
+
+        from rdistill.algo.kmeans import check_faiss_gpu
+
+        check_faiss_gpu()
+        if getattr(self, "_res", None) is None:
+            self._res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(self._res, 0, faiss.IndexFlatIP(block.shape[1]))
+        index.add(np.ascontiguousarray(block))
+        score, idx = index.search(self.queries, 1)
+        self._update(0, score[:, 0], rows[idx[:, 0]])
 
     def _update(self, q0: int, score: np.ndarray, row: np.ndarray) -> None:
         best_score = self.best_score[q0 : q0 + score.size]

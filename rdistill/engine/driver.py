@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from rdistill.blas import faiss_blas_summary
 from rdistill.cli import add_common_args, num_pairs_override, run_cli
 from rdistill.config import Config, dump_config
 from rdistill.engine import passes
@@ -143,6 +144,9 @@ def _run(store: EmbeddingStore, out: Path, cfg: Config) -> dict:
     ctx = passes.Context(store, cfg, ex, str(work))
     ck = Checkpoints(work)
     log.info("engine: %s executor", ex.name)
+    gpu = ex.check_gpu() if cfg.cluster.gpu else None  # before any work: a faiss without GPUs stops the run here
+    if gpu:
+        log.info("cluster.gpu: %s", gpu)
     done = [step for step in STEPS if (work / f"{step}.pkl").exists()]
     last = max((STEPS.index(step) for step in done), default=-1)
 
@@ -160,13 +164,7 @@ def _run(store: EmbeddingStore, out: Path, cfg: Config) -> dict:
     scanned, rng_state = step("scan", lambda: (passes.scan(ctx, rng), rng.bit_generator.state))
     rng.bit_generator.state = rng_state
     pruned = step("prune", lambda: passes.prune(ctx, scanned, rng))
-    if scanned.sample_img is not None:  # the pruned copy is all k-means needs
-        scanned.sample_img = scanned.sample_txt = None
-        ck.save("scan", (scanned, rng_state))
-    clusters = step("cluster", lambda: passes.cluster(pruned, cfg))
-    if pruned.sample_img is not None:
-        pruned.sample_img = pruned.sample_txt = None
-        ck.save("prune", pruned)
+    clusters = step("cluster", lambda: passes.cluster(ctx, scanned, pruned))
     assigned = step("assign", lambda: passes.assign(ctx, clusters, pruned))
     matched = step("match", lambda: passes.match(assigned, clusters, cfg))
     protos = step("prototypes", lambda: passes.prototypes(ctx, matched, clusters))
@@ -184,9 +182,13 @@ def _run(store: EmbeddingStore, out: Path, cfg: Config) -> dict:
             info["nodes"] = nodes
         if step in ctx.bytes_read:
             info["bytes_read"] = ctx.bytes_read[step]
+        if step in ctx.resumed_parts:
+            info["resumed_parts"] = ctx.resumed_parts[step]
     summary["executor"] = ex.name
+    summary["blas"] = {"driver": faiss_blas_summary(), "faiss_kernel_by_node": getattr(ex, "kernels", {})}
     summary["resumed_steps"] = [name for name, info in rec.steps.items() if info.get("resumed")]
     summary["contingency_nonzero_cells"] = matched.contingency_cells
+    summary["contingency_bytes"] = matched.contingency_bytes
     summary["steps"] = rec.steps
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
     return summary

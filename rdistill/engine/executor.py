@@ -15,7 +15,32 @@ import socket
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 
+from rdistill.algo.kmeans import KMeansShard, LocalShards, check_faiss_gpu
+from rdistill.errors import ConfigError
+from rdistill.metrics import delay
+
 log = logging.getLogger(__name__)
+
+
+def faiss_gpu_resources():
+    import faiss
+
+    return faiss.StandardGpuResources()
+
+
+class _CountedShards(LocalShards):
+    """Local shards that count their calls under this machine's name (``nodes`` in ``summary.json``)."""
+
+    def __init__(self, shards, gpu: bool, nodes: Counter):
+        super().__init__(shards, gpu)
+        self.nodes = nodes
+
+    def call(self, op: str, *args, **kwargs) -> dict:
+        self.nodes[_node()] += 1
+        return super().call(op, *args, **kwargs)
+
+    def close(self) -> None:
+        self.shards = []
 
 
 def _node() -> str:
@@ -30,7 +55,21 @@ class LocalExecutor:
     def __init__(self):
         self.nodes: dict[str, Counter] = {}
 
-    def map(self, step: str, fn: Callable, items: Iterable[tuple], **shared) -> Iterator:
+    def check_gpu(self) -> str:
+        """For ``cluster.gpu``: this process's faiss must see a GPU (raises ConfigError before any work)."""
+        try:
+            return f"{check_faiss_gpu()} GPU(s) seen by faiss in this process"
+        except RuntimeError as e:
+            raise ConfigError(f"cluster.gpu is true but {e}") from None
+
+    def shard_set(self, step: str, specs: list, loader, gpu: bool = False) -> LocalShards:
+        """The k-means sample's shards, loaded here by ``loader(spec) -> (x, offset)``, as a
+        :class:`LocalShards`."""
+        res = faiss_gpu_resources() if gpu else None
+        shards = [KMeansShard(*loader(spec), gpu, res) for spec in specs]
+        return _CountedShards(shards, gpu, self.nodes.setdefault(step, Counter()))
+
+    def map(self, step: str, fn: Callable, items: Iterable[tuple], *, search: bool = False, **shared) -> Iterator:
         """``fn(*item, **shared)`` for each item, results in item order."""
         nodes = self.nodes.setdefault(step, Counter())
         for item in items:
@@ -38,21 +77,36 @@ class LocalExecutor:
             yield fn(*item, **shared)
 
 
-DELAY_ENV = "RDISTILL_TASK_DELAY"
-
-
 def _on_node(step: str, fn, *args, **kwargs):
-    """A task's body on its worker: ``fn``'s result with the id of the node that ran it. Testing hook:
-    ``RDISTILL_TASK_DELAY=step:seconds`` in the workers' environment slows that step's tasks down, so a test can
-    remove a node while they run."""
-    import time
-
+    """A task's body on its worker: ``fn``'s result with the id of the node that ran it and the BLAS kernel faiss
+    runs there. Testing hook: ``RDISTILL_TASK_DELAY=step:seconds`` in the workers' environment slows that step's
+    tasks down, so a test can remove a node while they run."""
     import ray
 
-    spec = os.environ.get(DELAY_ENV, "")
-    if spec.rpartition(":")[0] == step:
-        time.sleep(float(spec.rpartition(":")[2]))
-    return ray.get_runtime_context().get_node_id(), fn(*args, **kwargs)
+    from rdistill.blas import faiss_kernel
+
+    delay(step)
+    result = fn(*args, **kwargs)
+    return ray.get_runtime_context().get_node_id(), _kernel(faiss_kernel), result
+
+
+_KERNEL: list = []
+
+
+def _kernel(probe) -> str | None:
+    if not _KERNEL:
+        _KERNEL.append(probe())
+    return _KERNEL[0]
+
+
+def _gpu_probe() -> str:
+    import ray
+
+    try:
+        n = check_faiss_gpu()
+    except RuntimeError as e:
+        return f"error: {e}"
+    return f"{n} GPU(s) seen by faiss on node {ray.get_runtime_context().get_node_id()}"
 
 
 class RayExecutor:
@@ -60,22 +114,47 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, num_cpus: float = 1.0, window: int = 0, max_retries: int = 5):
+    def __init__(self, num_cpus: float = 1.0, window: int = 0, max_retries: int = 5, gpu: bool = False):
         import ray
 
         self.ray = ray
-        self.num_cpus, self.max_retries = num_cpus, max_retries
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.window = window or max(2, 2 * cpus)
+        self.num_cpus, self.max_retries, self.gpu = num_cpus, max_retries, gpu
+        res = ray.cluster_resources()
+        cpus = int(res.get("CPU", 1))
+        slots = int(res.get("GPU", 0)) if gpu else cpus
+        self.window = window or max(2, 2 * slots)
         self.nodes: dict[str, Counter] = {}
+        self.kernels: dict[str, str | None] = {}
         self._task = ray.remote(_on_node)
 
-    def map(self, step: str, fn: Callable, items: Iterable[tuple], **shared) -> Iterator:
+    def check_gpu(self) -> str:
+        """For ``cluster.gpu``: the cluster must have GPUs and faiss on a GPU worker must see one (ConfigError
+        before any work otherwise)."""
+        ray = self.ray
+        if ray.cluster_resources().get("GPU", 0) < 1:
+            raise ConfigError("cluster.gpu is true but the Ray cluster has no GPUs")
+        answer = ray.get(ray.remote(_gpu_probe).options(num_gpus=1, num_cpus=0).remote())
+        if answer.startswith("error: "):
+            raise ConfigError(f"cluster.gpu is true but on a GPU worker {answer[7:]}")
+        return answer
+
+    def shard_set(self, step: str, specs: list, loader, gpu: bool = False):
+        """The k-means sample's shards on Ray actors (:class:`rdistill.engine.pool.RayShards`)."""
+        from rdistill.engine.pool import RayShards
+
+        shards = RayShards(step, specs, loader, gpu=gpu, nodes=self.nodes.setdefault(step, Counter()))
+        self.kernels.update(shards.kernels)
+        return shards
+
+    def map(self, step: str, fn: Callable, items: Iterable[tuple], *, search: bool = False, **shared) -> Iterator:
+        """Tasks in part order; ``search``: the step runs nearest-neighbour searches, on a GPU each with
+        ``cluster.gpu``."""
         ray = self.ray
         refs = {k: ray.put(v) for k, v in shared.items()}
         # SPREAD: the parts of a pass go to every node, rather than to whichever node asked for work first
-        task = self._task.options(num_cpus=self.num_cpus, max_retries=self.max_retries, name=f"rdistill.{step}",
-                                  scheduling_strategy="SPREAD")  # fmt: skip
+        gpus = 1 if search and self.gpu else 0
+        task = self._task.options(num_cpus=self.num_cpus, num_gpus=gpus, max_retries=self.max_retries,
+                                  name=f"rdistill.{step}", scheduling_strategy="SPREAD")  # fmt: skip
         nodes = self.nodes.setdefault(step, Counter())
         pending: deque = deque()
         items = iter(items)
@@ -89,8 +168,9 @@ class RayExecutor:
                 pending.append(task.remote(step, fn, *item, **refs))
             if not pending:
                 return
-            node, result = ray.get(pending.popleft())
+            node, kernel, result = ray.get(pending.popleft())
             nodes[node] += 1
+            self.kernels[node] = kernel
             yield result
 
 
@@ -104,4 +184,4 @@ def make_executor(cfg):
     from rdistill.ray.pools import init_ray
 
     init_ray(cfg.ray)
-    return RayExecutor()
+    return RayExecutor(gpu=cfg.cluster.gpu)

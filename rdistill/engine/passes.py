@@ -18,34 +18,27 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
+import time
+from pathlib import Path
 
-import faiss
 import numpy as np
 
 from rdistill.algo.cells import CellMeans, cosine, plan_cells
-from rdistill.algo.kmeans import fit_kmeans
+from rdistill.algo.kmeans import fit_sharded
 from rdistill.algo.matching import Contingency, match_clusters
 from rdistill.algo.prune import PruneCut, cut_bin, cut_in_bin, drop_count
 from rdistill.config import Config
 from rdistill.engine import tasks
 from rdistill.engine.state import Assigned, Captions, Clusters, Matched, Prototypes, Pruned, Scanned
-from rdistill.errors import ConfigError, RunError
+from rdistill.errors import RunError
+from rdistill.io.outputs import atomic_write_bytes, fault_point
 from rdistill.io.store import EmbeddingStore
 from rdistill.metrics import progress
 
 log = logging.getLogger(__name__)
 
 NUM_BINS = 1 << 20
-
-
-def flat_index(centroids: np.ndarray, gpu: bool) -> faiss.Index:
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    if gpu:
-        if not hasattr(faiss, "StandardGpuResources"):
-            raise ConfigError("cluster.gpu is true but this faiss has no GPU support (install faiss-gpu)")
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    return index
 
 
 class Context:
@@ -57,19 +50,43 @@ class Context:
         local = executor.name == "local"
         self.cache = tasks.PartCache(cfg.embeddings.cache_gb * 2**30) if local else None
         self.bytes_read: dict[str, int] = {}
+        self.resumed_parts: dict[str, int] = {}
 
-    def run(self, step: str, fn, items, *, rows: bool = True, **shared):
+    def run(self, step: str, fn, items, *, rows: bool = True, search: bool = False, **shared):
         """``fn`` over ``items`` (tuples starting with a part) on the executor, results in part order, under a
-        progress bar of rows (or of parts)."""
+        progress bar of rows (or of parts); ``search``: the tasks search (on a GPU each with ``cluster.gpu``)."""
         items = list(items)
         total = self.store.num_rows if rows else len(items)
         with progress(total, step, self.cfg.progress, unit="rows" if rows else "parts") as bar:
-            for item, result in zip(items, self.ex.map(step, fn, items, **shared)):
+            for item, result in zip(items, self.ex.map(step, fn, items, search=search, **shared)):
                 bar.update(item[0].rows if rows else 1)
                 yield result
 
     def read(self, step: str, n: int) -> None:
         self.bytes_read[step] = self.bytes_read.get(step, 0) + int(n)
+
+    def reduce(self, step: str, fn, items, acc, add, **kwargs):
+        """``fn`` over ``items`` as :meth:`run`, each result folded into ``acc`` in part order by
+        ``add(acc, item, result)``; returns ``acc``. Every ``checkpoint_seconds`` the fold so far (how many items,
+        and ``acc``) goes to ``_work/{step}.partial.pkl``, so a killed driver resumes the pass after the parts it had
+        reduced (``resumed_parts``) instead of from its start."""
+        items = list(items)
+        path = Path(self.work) / f"{step.replace(' ', '_')}.partial.pkl"
+        done = 0
+        if path.exists():
+            with open(path, "rb") as f:
+                done, acc = pickle.load(f)
+            log.info("%s: resuming after %d of %d parts reduced by an earlier run", step, done, len(items))
+            self.resumed_parts[step] = done
+        last = time.monotonic()
+        for i, result in enumerate(self.run(step, fn, items[done:], **kwargs), start=done + 1):
+            acc = add(acc, items[i - 1], result)
+            if time.monotonic() - last >= self.cfg.checkpoint_seconds and i < len(items):
+                atomic_write_bytes(path, pickle.dumps((i, acc), protocol=pickle.HIGHEST_PROTOCOL))
+                last = time.monotonic()
+                fault_point(f"prototypes.{step}.part", i)
+        path.unlink(missing_ok=True)  # the pass's own checkpoint, written next, supersedes it
+        return acc
 
 
 def scan(ctx: Context, rng: np.random.Generator) -> Scanned:
@@ -83,18 +100,24 @@ def scan(ctx: Context, rng: np.random.Generator) -> Scanned:
     for p in store.parts:
         lo, hi = np.searchsorted(positions, [p.start, p.start + p.rows])
         items.append((p, positions[lo:hi]))
-    invalid_per_part: dict[str, int] = {}
-    smp = ([], [], [], [])
-    results = ctx.run("scan", tasks.scan_part, items, store=store, cfg=cfg, work=ctx.work, cache=ctx.cache)
-    for (p, _), r in zip(items, results):
+
+    def add(acc, item, r):
+        invalid_per_part, sims, rows, owner = acc
+        p = item[0]
         ctx.read("scan", r.bytes_read)
         if r.invalid:
             invalid_per_part[p.img.path] = r.invalid
             log.warning("%s: skipped %d invalid rows (NaN, infinite or zero vectors)", p.img.path, r.invalid)
-        for out, x in zip(smp, (r.sample_img, r.sample_txt, r.sample_sims, r.sample_rows)):
-            out.append(x)
+        sims.append(r.sample_sims)
+        rows.append(r.sample_rows)
+        owner.append(np.full(r.sample_rows.size, p.index, dtype=np.int32))
+        return acc
+
+    invalid_per_part, sims, rows, owner = ctx.reduce("scan", tasks.scan_part, items, ({}, [], [], []), add,
+                                                     store=store, cfg=cfg, work=ctx.work, cache=ctx.cache)  # fmt: skip
     n_invalid = sum(invalid_per_part.values())
-    return Scanned(invalid_per_part, n_invalid, n - n_invalid, sample_target, *(np.concatenate(x) for x in smp))
+    return Scanned(invalid_per_part, n_invalid, n - n_invalid, sample_target, np.concatenate(sims),
+                   np.concatenate(rows), np.concatenate(owner))  # fmt: skip
 
 
 def prune_cut(ctx: Context, n_valid: int) -> PruneCut:
@@ -138,11 +161,29 @@ def prune(ctx: Context, scanned: Scanned, rng: np.random.Generator) -> Pruned:
         )
     log.info("pruned %d of %d valid pairs (cut at cosine %.4f); k-means sample %d", cut.n_drop, scanned.n_valid,
              cut.sim_cut, sel.size)  # fmt: skip
-    return Pruned(cut, n_kept, scanned.sample_img[sel], scanned.sample_txt[sel])
+    return Pruned(cut, n_kept, sel.astype(np.int64))
 
 
-def cluster(pruned: Pruned, cfg: Config) -> Clusters:
-    """k-means per modality on the kept sample (:func:`rdistill.algo.kmeans.fit_kmeans`)."""
+def shard_specs(scanned: Scanned, pruned: Pruned, work: str, shard_rows: int, modality: str) -> list[dict]:
+    """The k-means sample cut into shards of ``shard_rows`` consecutive rows (the last one shorter), each a spec
+    for :func:`rdistill.engine.tasks.sample_shard`: which rows of which part's spill it takes."""
+    parts, first = np.unique(scanned.sample_parts, return_index=True)
+    specs = []
+    for s0 in range(0, pruned.sample.size, shard_rows):
+        sel = pruned.sample[s0 : s0 + shard_rows]
+        owner = scanned.sample_parts[sel]
+        pieces = []
+        for part in np.unique(owner):
+            start = first[np.searchsorted(parts, part)]
+            pieces.append((int(part), sel[owner == part] - start))
+        specs.append({"work": work, "modality": modality, "pieces": pieces, "offset": s0})
+    return specs
+
+
+def cluster(ctx: Context, scanned: Scanned, pruned: Pruned) -> Clusters:
+    """k-means per modality on the kept sample (:func:`rdistill.algo.kmeans.fit_sharded`), its shards held by the
+    executor's shard set: this process, or Ray actors on every worker node (one per GPU with ``cluster.gpu``)."""
+    cfg = ctx.cfg
     cc, k = cfg.cluster, cfg.cluster.num_pairs
     args = dict(
         niter=cc.niter,
@@ -151,50 +192,69 @@ def cluster(pruned: Pruned, cfg: Config) -> Clusters:
         refine_rounds=cc.refine_rounds,
         refine_niter=cc.refine_niter,
         final_niter=cc.final_niter,
-        gpu=cc.gpu,
     )
-    img, txt = pruned.sample_img, pruned.sample_txt
-    img_centroids, img_stats = fit_kmeans(img.astype(np.float32), k, seed=cfg.seed, **args)
-    txt_centroids, txt_stats = fit_kmeans(txt.astype(np.float32), k, seed=cfg.seed + 1, **args)
-    return Clusters(img_centroids, txt_centroids, img_stats, txt_stats, img.shape[0])
+    out = {}
+    for modality, seed in (("img", cfg.seed), ("txt", cfg.seed + 1)):
+        specs = shard_specs(scanned, pruned, ctx.work, cc.shard_rows, modality)
+        phases = cc.niter + (cc.final_niter + 3 if cc.refine_rounds else 2)
+        with progress(phases, f"k-means {modality}", cfg.progress, unit="phases") as bar:
+            shards = ctx.ex.shard_set("cluster", specs, tasks.sample_shard, gpu=cc.gpu)
+            try:
+                out[modality] = fit_sharded(shards, k, seed=seed, on_phase=lambda _: bar.update(1), **args)
+            finally:
+                shards.close()
+        stats = out[modality][1]
+        log.info("k-means %s: %d rows in %d shards, SSE %.4g -> %.4g, %d refinement moves, %d restarts", modality,
+                 stats.sample_size, stats.shards, stats.sse_lloyd, stats.sse_final, stats.refine_moves,
+                 stats.restarts)  # fmt: skip
+    (img_centroids, img_stats), (txt_centroids, txt_stats) = out["img"], out["txt"]
+    return Clusters(img_centroids, txt_centroids, img_stats, txt_stats, int(pruned.sample.size))
 
 
 def assign(ctx: Context, clusters: Clusters, pruned: Pruned) -> Assigned:
     """Pass 2: nearest centroids of every kept pair (spilled as labels, -1 when not kept) and the contingency
     table, reduced from the parts' cell counts."""
     k = ctx.cfg.cluster.num_pairs
-    contingency = Contingency(k)
-    img_sizes, txt_sizes = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64)
-    parts = [(p,) for p in ctx.store.parts]
-    for r in ctx.run("assign", tasks.assign_part, parts, store=ctx.store, cfg=ctx.cfg, work=ctx.work, cut=pruned.cut,
-                     img_centroids=clusters.img_centroids, txt_centroids=clusters.txt_centroids,
-                     cache=ctx.cache):  # fmt: skip
+
+    def add(acc, item, r):
         ctx.read("assign", r.bytes_read)
-        contingency.add_counts(r.codes, r.counts)
-        img_sizes += r.img_sizes
-        txt_sizes += r.txt_sizes
-    return Assigned(contingency, img_sizes, txt_sizes)
+        acc.contingency.add_counts(r.codes, r.counts)
+        acc.img_sizes += r.img_sizes
+        acc.txt_sizes += r.txt_sizes
+        return acc
+
+    parts = [(p,) for p in ctx.store.parts]
+    start = Assigned(Contingency(k), np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64))
+    return ctx.reduce("assign", tasks.assign_part, parts, start, add, search=True, store=ctx.store, cfg=ctx.cfg,
+                      work=ctx.work, cut=pruned.cut, img_centroids=clusters.img_centroids,
+                      txt_centroids=clusters.txt_centroids, cache=ctx.cache)  # fmt: skip
 
 
 def match(assigned: Assigned, clusters: Clusters, cfg: Config) -> Matched:
     """Linear assignment on the contingency table, then the cells to make prototypes of (pairless policy)."""
+    table_bytes = assigned.contingency.nbytes()
     counts = assigned.contingency.to_sparse()
     matching = match_clusters(counts, clusters.img_centroids, clusters.txt_centroids, dense_max=cfg.match.dense_max)
     plan = plan_cells(counts, matching, cfg.prototypes.pairless)
     log.info("matching (%s): %d shared pairs on the diagonal, %d pairless matches (contingency: %d non-zero cells)",
              matching.solver, matching.objective, int((matching.shared == 0).sum()), counts.nnz)  # fmt: skip
-    return Matched(matching, plan, int(counts.nnz))
+    return Matched(matching, plan, int(counts.nnz), table_bytes)
 
 
 def prototypes(ctx: Context, matched: Matched, clusters: Clusters) -> Prototypes:
     """Pass 3: means of the shared pairs of each planned cell; pairless cells (policy keep) take the centres."""
     plan = matched.plan
-    means = CellMeans(plan, ctx.cfg.cluster.num_pairs, ctx.store.dim)
-    parts = [(p,) for p in ctx.store.parts]
-    for sums, n in ctx.run("prototypes", tasks.prototypes_part, parts, store=ctx.store, cfg=ctx.cfg, work=ctx.work,
-                           plan=plan, cache=ctx.cache):  # fmt: skip
+
+    def add(means, item, r):
+        sums, n = r
         ctx.read("prototypes", n)
         means.add_sums(sums)
+        return means
+
+    parts = [(p,) for p in ctx.store.parts]
+    means = ctx.reduce("prototypes", tasks.prototypes_part, parts, CellMeans(plan, ctx.cfg.cluster.num_pairs,
+                       ctx.store.dim), add, store=ctx.store, cfg=ctx.cfg, work=ctx.work, plan=plan,
+                       cache=ctx.cache)  # fmt: skip
     img, txt, img_norms, txt_norms = means.means()
     shared = means.count
     empty = shared == 0
@@ -211,13 +271,19 @@ def captions(ctx: Context, protos: Prototypes) -> Captions:
     if not ctx.cfg.captions.retrieve:
         return Captions(np.full(p, -1, dtype=np.int64), np.full(p, np.nan, dtype=np.float32), [""] * p, [""] * p)
     queries = tasks.unit_rows(protos.txt.copy())[0]
-    best_row = np.full(p, -1, dtype=np.int64)
-    best_score = np.full(p, -np.inf, dtype=np.float32)
-    parts = [(part,) for part in ctx.store.parts]
-    for row, score, n in ctx.run("captions", tasks.captions_part, parts, store=ctx.store, cfg=ctx.cfg, work=ctx.work,
-                                 queries=queries, cache=ctx.cache):  # fmt: skip
+
+    def add(acc, item, r):
+        best_row, best_score = acc
+        row, score, n = r
         ctx.read("captions", n)
         better = score > best_score  # parts in order: ties keep the earliest row
         best_row[better], best_score[better] = row[better], score[better]
+        return acc
+
+    parts = [(part,) for part in ctx.store.parts]
+    start = (np.full(p, -1, dtype=np.int64), np.full(p, -np.inf, dtype=np.float32))
+    best_row, best_score = ctx.reduce("captions", tasks.captions_part, parts, start, add, search=True,
+                                      store=ctx.store, cfg=ctx.cfg, work=ctx.work, queries=queries,
+                                      cache=ctx.cache)  # fmt: skip
     keys, texts = ctx.store.lookup(best_row)
     return Captions(best_row, best_score, keys, texts)

@@ -1,5 +1,6 @@
-"""What each pass of the prototype engine hands to the next: plain dataclasses of arrays, O(M·d) plus the
-k-means sample, never O(N) (per-row data is spilled to disk, by the tasks of :mod:`rdistill.engine.tasks`)."""
+"""What each pass of the prototype engine hands to the next: plain dataclasses of arrays, O(M·d) plus a few bytes
+per row of the k-means sample (its vectors stay in the tasks' spills), never O(N) (per-row data is spilled to disk,
+by the tasks of :mod:`rdistill.engine.tasks`)."""
 
 from __future__ import annotations
 
@@ -15,27 +16,27 @@ from rdistill.algo.prune import PruneCut
 
 @dataclass
 class Scanned:
-    """Pass 1. The over-drawn k-means sample: ``sample_img``/``sample_txt`` (s, d) float16 unit rows,
-    ``sample_sims`` (s,) float32 pair cosines (NaN: invalid row), ``sample_rows`` (s,) int64 global row ids."""
+    """Pass 1. The over-drawn k-means sample, in part order: ``sample_sims`` (s,) float32 pair cosines (NaN:
+    invalid row), ``sample_rows`` (s,) int64 global row ids, ``sample_parts`` (s,) int32 the part whose spill
+    holds each row (its vectors stay there: ``sample_img_{part}.npy``, ``sample_txt_{part}.npy``)."""
 
     invalid_per_part: dict[str, int]
     n_invalid: int
     n_valid: int
     sample_target: int
-    sample_img: np.ndarray
-    sample_txt: np.ndarray
     sample_sims: np.ndarray
     sample_rows: np.ndarray
+    sample_parts: np.ndarray
 
 
 @dataclass
 class Pruned:
-    """The exact prune cut and the k-means sample restricted to kept pairs, (s, d) float16 each."""
+    """The exact prune cut and the k-means sample restricted to kept pairs: ``sample`` (s,) int64 indices into
+    the scan's over-drawn sample, increasing."""
 
     cut: PruneCut
     n_kept: int
-    sample_img: np.ndarray
-    sample_txt: np.ndarray
+    sample: np.ndarray
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Matched:
     matching: Matching
     plan: CellPlan
     contingency_cells: int  # non-zero cells of the contingency table it was solved on
+    contingency_bytes: int = 0  # what the driver held of it (sparse: int64 codes and int32 counts per cell)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from rdistill.algo.cells import CellMeans, CellPlan, CellSums
-from rdistill.algo.kmeans import nearest_centroid
+from rdistill.algo.kmeans import flat_index, nearest_centroid
 from rdistill.algo.prune import PruneCut, pair_similarity, rows_in_bin, sims_histogram
 from rdistill.algo.retrieval import NearestRows
 from rdistill.config import Config
@@ -74,13 +74,11 @@ def _load(work: str, name: str, part: int) -> np.ndarray:
 
 @dataclass
 class ScanPartial:
-    """One part's scan: invalid rows, bytes read, and its rows of the k-means sample (float16 unit rows, their
-    cosines, global row ids)."""
+    """One part's scan: invalid rows, bytes read, and the cosines and global row ids of its rows in the k-means
+    sample (their vectors are spilled to ``sample_img_{part}``/``sample_txt_{part}``, float16 unit rows)."""
 
     invalid: int
     bytes_read: int
-    sample_img: np.ndarray
-    sample_txt: np.ndarray
     sample_sims: np.ndarray
     sample_rows: np.ndarray
 
@@ -88,7 +86,7 @@ class ScanPartial:
 def scan_part(part: Part, positions: np.ndarray, *, store: EmbeddingStore, cfg: Config, work: str,
               cache: PartCache | None = None) -> ScanPartial:  # fmt: skip
     """Validity and pair cosine of every row of ``part`` (spilled to ``sims_{part}``, NaN for invalid rows), and
-    its rows at ``positions`` (global row ids, sorted) for the k-means sample."""
+    its rows at ``positions`` (global row ids, sorted) for the k-means sample (spilled, float16)."""
     sims, smp = [], ([], [], [], [])
     invalid = 0
     for b in prepared_blocks(store, part, cfg, cache=cache):
@@ -109,8 +107,22 @@ def scan_part(part: Part, positions: np.ndarray, *, store: EmbeddingStore, cfg: 
         for out, x in zip(smp, (b.img[local].astype(np.float16), b.txt[local].astype(np.float16), s[local],
                                 positions[lo:hi])):  # fmt: skip
             out.append(x)
+    img, txt, sample_sims, sample_rows = (np.concatenate(x) for x in smp)
+    _spill(work, "sample_img", part.index, img)
+    _spill(work, "sample_txt", part.index, txt)
     _spill(work, "sims", part.index, np.concatenate(sims))
-    return ScanPartial(invalid, _bytes(part), *(np.concatenate(x) for x in smp))
+    return ScanPartial(invalid, _bytes(part), sample_sims, sample_rows)
+
+
+def sample_shard(spec: dict) -> tuple[np.ndarray, int]:
+    """A k-means shard from the scan's sample spills: ``spec`` = ``{"work", "modality" ("img" or "txt"), "pieces":
+    [(part index, (m,) int64 rows of that part's spill)], "offset": its first row in the sample}``; returns the
+    rows (n, d) float32 and the offset. Runs where the shard is held (a k-means actor, or the driver)."""
+    rows = []
+    for part, local in spec["pieces"]:
+        spill = np.load(Path(spec["work"]) / f"sample_{spec['modality']}_{part}.npy", mmap_mode="r")
+        rows.append(np.asarray(spill[local], dtype=np.float32))
+    return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32), spec["offset"]
 
 
 def histogram_part(part: Part, *, work: str, num_bins: int) -> np.ndarray:
@@ -143,8 +155,6 @@ def assign_part(part: Part, *, store: EmbeddingStore, cfg: Config, work: str, cu
                 cache: PartCache | None = None) -> AssignPartial:  # fmt: skip
     """Nearest image and text centroid of every kept pair of ``part`` (spilled to ``labels_{part}``, -1 when not
     kept)."""
-    from rdistill.engine.passes import flat_index
-
     k = img_centroids.shape[0]
     img_index, txt_index = flat_index(img_centroids, cfg.cluster.gpu), flat_index(txt_centroids, cfg.cluster.gpu)
     sims = _load(work, "sims", part.index)
@@ -186,7 +196,7 @@ def captions_part(part: Part, *, store: EmbeddingStore, cfg: Config, work: str, 
                   cache: PartCache | None = None) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
     """The best valid caption row of ``part`` for each (unit) text prototype in ``queries``: (q,) global rows
     (-1: none), (q,) float32 cosines, and the bytes read."""
-    nearest = NearestRows(queries)
+    nearest = NearestRows(queries, gpu=cfg.cluster.gpu)
     sims = _load(work, "sims", part.index)
     for b in prepared_blocks(store, part, cfg, img=False, cache=cache):
         ok = ~np.isnan(sims[b.offset : b.offset + b.rows.size])

@@ -1,6 +1,6 @@
 """The prototype engine's passes as Ray tasks on a local multi-node cluster (``ray.cluster_utils.Cluster``):
-the tasks run on both worker nodes, the prototypes equal the local executor's, and a worker node removed in the
-middle of the assignment pass changes nothing."""
+the tasks and the k-means actors run on both worker nodes, the prototypes equal the local executor's, and a worker
+node removed in the middle of the assignment pass, or of k-means, changes nothing."""
 
 import json
 import os
@@ -47,16 +47,26 @@ def assert_same_prototypes(a, b):
 
 def test_tasks_run_on_both_workers_and_equal_the_local_executor(cluster_run):
     out, res = cluster_run
-    workers = set(res["worker_ids"])
+    workers = set(res["worker_ids"][:2])  # the third joined later, for the k-means loss
     assert res["local"]["executor"] == "local" and res["ray"]["executor"] == "ray"
     for step in ("scan", "assign", "prototypes", "captions"):
         nodes = res["ray"]["steps"][step]["nodes"]
         assert set(nodes) == workers and sum(nodes.values()) == 8, (step, nodes)  # 8 parts, both workers
         assert res["ray"]["steps"][step]["bytes_read"] > 0
     assert sum(res["ray"]["steps"]["prune"]["nodes"].values()) == 16  # histogram and cut tasks, 8 parts each
+    assert set(res["ray"]["steps"]["cluster"]["nodes"]) == workers  # a k-means actor on each worker
+    assert res["ray"]["kmeans"]["image"]["shards"] == 5 and res["ray"]["kmeans"]["image"]["restarts"] == 0
+    # faiss's BLAS kernel, chosen in each worker from its own CPU, as the driver's
+    kernels = res["ray"]["blas"]["faiss_kernel_by_node"]
+    assert set(kernels) == workers and set(kernels.values()) == {_kernel(res["local"]["blas"]["driver"])}
     local, ray = _table(out / "local"), _table(out / "ray")
     assert_same_prototypes(local, ray)  # the same partials reduced in the same order
     assert res["local"]["counts"] == res["ray"]["counts"] and res["local"]["match"] == res["ray"]["match"]
+
+
+def _kernel(blas):
+    f = blas["faiss"][0]
+    return f"{f['internal_api']} {f['version']} {f['architecture']}"
 
 
 def test_a_worker_node_lost_mid_assignment_changes_nothing(cluster_run):
@@ -68,3 +78,14 @@ def test_a_worker_node_lost_mid_assignment_changes_nothing(cluster_run):
     local, lost = _table(out / "local"), _table(out / "lost")
     assert_same_prototypes(local, lost)
     np.testing.assert_array_equal(read_vectors(local, "image_embedding"), read_vectors(lost, "image_embedding"))
+
+
+def test_a_worker_node_lost_mid_kmeans_moves_its_shards_and_changes_nothing(cluster_run):
+    out, res = cluster_run
+    lost = res["kmeans_lost"]
+    assert res["kmeans_lost_at"] == ["prune.pkl", "scan.pkl"]  # removed while k-means was running
+    restarts = lost["kmeans"]["image"]["restarts"] + lost["kmeans"]["text"]["restarts"]
+    assert restarts == 1  # one phase redone after the survivor loaded the lost actor's shards
+    survivor = res["worker_ids"][0]
+    assert lost["steps"]["captions"]["nodes"] == {survivor: 8}
+    assert_same_prototypes(_table(out / "local"), _table(out / "kmeans_lost"))

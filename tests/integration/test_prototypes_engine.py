@@ -209,3 +209,44 @@ def test_driver_killed_after_kmeans_resumes_from_there(planted_store, tmp_path):
     assert again["counts"] == full["counts"] and again["kmeans"] == full["kmeans"]
     assert pq.read_table(out / "prototypes.parquet").equals(pq.read_table(tmp_path / "full" / "prototypes.parquet"))
     assert not (out / "_work").exists()
+
+
+def test_driver_killed_mid_pass_resumes_after_the_parts_it_had_reduced(planted_store, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, _ = planted_store  # 3 parts
+    full = run_prototypes(str(root), tmp_path / "full", cfg(**{"cluster.num_pairs": 20}))
+    out = tmp_path / "out"
+    repo = Path(__file__).resolve().parents[2]
+    cli = [sys.executable, "-m", "rdistill.prototypes", "--embeddings", str(root), "--output", str(out),
+           "--num-pairs", "20", "--quiet", "--set", "checkpoint_seconds=0"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(repo), "RDISTILL_FAULT_KILL_AFTER": "prototypes.prototypes.part:1"}
+    env.pop("RAY_ADDRESS", None)
+    killed = subprocess.run(cli, env=env, cwd=repo, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert (out / "_work" / "prototypes.partial.pkl").exists() and not (out / "_work" / "prototypes.pkl").exists()
+    again = run_prototypes(str(root), out, cfg(**{"cluster.num_pairs": 20, "checkpoint_seconds": 0}))
+    assert again["resumed_steps"] == ["scan", "prune", "cluster", "assign", "match"]
+    assert again["steps"]["prototypes"]["resumed_parts"] == 1  # only the last two parts were read again
+    assert again["steps"]["prototypes"]["bytes_read"] * 3 == full["steps"]["prototypes"]["bytes_read"] * 2
+    assert pq.read_table(out / "prototypes.parquet").equals(pq.read_table(tmp_path / "full" / "prototypes.parquet"))
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_cluster_gpu_without_a_gpu_stops_the_run_before_any_work(planted_store, tmp_path, executor, request):
+    from rdistill.errors import ConfigError
+
+    if executor == "ray":
+        request.getfixturevalue("ray_local")  # a CPU-only instance
+    root, _ = planted_store
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="cluster.gpu is true but") as e:
+        run_prototypes(str(root), out, cfg(**{"cluster.num_pairs": 20, "cluster.gpu": True, "executor": executor}))
+    assert ("no GPUs" if executor == "ray" else "faiss") in str(e.value)
+    assert not list((out / "_work").glob("*.npy"))  # nothing was scanned
+    if executor == "local":  # the corrected rerun is not blocked by the failed one
+        assert run_prototypes(str(root), out, cfg(**{"cluster.num_pairs": 20}))["prototypes"]["count"] == 20

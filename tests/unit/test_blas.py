@@ -63,9 +63,10 @@ CHILD = r"""
 import json, os, sys
 import numpy as np
 first, out = sys.argv[1], sys.argv[2]
-from rdistill import blas
 if first == "faiss":
     import faiss
+import rdistill  # importing the package configures faiss's BLAS (rdistill/__init__.py)
+from rdistill import blas
 result = blas.configure_faiss_blas()
 assert blas.configure_faiss_blas() == result
 env = {k: os.environ.get(k) for k in (blas.CORETYPE_ENV, blas.MARK_ENV)}

@@ -2,7 +2,15 @@ import faiss
 import numpy as np
 import pytest
 
-from rdistill.algo.kmeans import fit_kmeans, kmeanspp, merge_costs, nearest_centroid, pca_project, split_gains
+from rdistill.algo.kmeans import (
+    LocalShards,
+    fit_kmeans,
+    kmeanspp,
+    merge_costs,
+    nearest_centroid,
+    pca_project,
+    split_gains,
+)
 from rdistill.dev.planted import make_concepts, sample_pairs
 
 
@@ -77,7 +85,11 @@ def test_split_gains_match_explicit_bisection():
     c = rng.normal(0, 0.05, (50, 4)) + [0, 5, 0, 0]
     x = np.concatenate([a, b, c]).astype(np.float32)
     labels = np.array([0] * 200 + [1] * 50)
-    gain, upper = split_gains(x, labels, 2)
+    shards = LocalShards.from_array(x, shard_rows=64)  # the clusters straddle shards
+    for s in shards.shards:
+        s.labels = labels[s.offset : s.offset + s.n]
+    gain = split_gains(shards, np.arange(2), 2, 4, seed=0)
+    upper = np.concatenate([s.upper for s in shards.shards])
 
     def cluster_sse(p):
         return ((p - p.mean(0)) ** 2).sum()
