@@ -1,4 +1,6 @@
-"""The full job under `ray job submit` against a `ray start --head` cluster on loopback, as a user runs it."""
+"""The full job under `ray job submit`, as a user runs it: against a `ray start --head` cluster on loopback (with
+its working directory uploaded, then killed mid-synthesis and resubmitted), and on a local multi-node cluster (a head
+with no CPUs, two one-CPU worker nodes) where the engine's tasks and k-means actors run on the workers."""
 
 import io
 import json
@@ -70,6 +72,38 @@ def head(tmp_path_factory):
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def multinode(tmp_path_factory):
+    """A local multi-node cluster on loopback (tests/integration/cluster_head.py: a head with no CPUs and the job
+    server, two one-CPU worker nodes), in its own process group so that stopping it never touches the test
+    session's own Ray instance."""
+    ray = _ray_bin()
+    ready = tmp_path_factory.mktemp("ray") / "ready.json"
+    # the job's `python` must be this environment's, as after `source .venv/bin/activate` (jobs/README.md)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    # the session's own Ray instance holds Ray's default agent ports: this cluster's head gets its own
+    port, agent, metrics, env_agent = _free_ports(4)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.cluster_head", str(ready), str(port), str(agent),
+                             str(metrics), str(env_agent)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    address = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while not ready.exists() or subprocess.run([ray, "job", "list", "--address", address], env=env,
+                                               capture_output=True).returncode:  # fmt: skip
+        if time.time() > deadline or proc.poll() is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the local cluster with a job server did not come up")
+        time.sleep(2)
+    yield {"address": address, "env": env, "ray": ray, "workers": json.loads(ready.read_text())["workers"]}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
 
@@ -146,3 +180,29 @@ def test_demo_job_under_ray_job_submit_then_kill_mid_synthesis_and_resubmit(head
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished stages and shards untouched
     a, b = _images(full), _images(cut)
     assert a.keys() == b.keys() and max(int(np.abs(a[k] - b[k]).max()) for k in a) <= 1
+
+
+def test_demo_job_on_a_multinode_cluster_runs_the_engine_on_the_workers(multinode, tmp_path):
+    """Without --working-dir: the nodes of a one-machine test cluster share one session directory, and a worker
+    node's runtime-env agent deletes the uploaded package once its own workers are done with it, which is the
+    driver's working directory on the head (torch then dies loading MKL). The code comes from PYTHONPATH instead."""
+    out = tmp_path / "out"
+    cmd = [multinode["ray"], "job", "submit", "--address", multinode["address"],
+           "--runtime-env-json", json.dumps({"env_vars": {"PYTHONPATH": str(ROOT)}}),
+           "--", "python", "-m", "rdistill.pds", "--config", str(ROOT / "configs" / "demo.yaml"), "--output",
+           str(out), "--quiet", *sum((["--set", s] for s in SMALL), [])]  # fmt: skip
+    deadline = time.time() + 90
+    while True:  # the job server answers before its agent on the node is up: Ray says to try again
+        r = subprocess.run(cmd, env=multinode["env"], capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in r.stdout + r.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["synthesize"]["images"] == summary["prototypes"]["prototypes"]["count"] == 12
+    steps, workers = summary["prototypes"]["steps"], set(multinode["workers"])
+    assert summary["prototypes"]["executor"] == "ray"
+    for step in ("scan", "assign", "prototypes", "captions"):  # 4 parts, spread over the two worker nodes
+        assert set(steps[step]["nodes"]) == workers and sum(steps[step]["nodes"].values()) == 4, step
+    assert set(steps["cluster"]["nodes"]) == workers  # a k-means actor on each worker node
+    assert (out / "report.html").exists()
