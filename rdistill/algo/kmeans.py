@@ -226,8 +226,9 @@ class KMeansShard:
         return self.x[idx[lo:hi] - self.offset]
 
     # Lloyd ----------------------------------------------------------------------------------------------------------
-    def assign(self, centroids: np.ndarray, sums: bool = True) -> dict:
-        """Label each row with its nearest centroid; counts (k,), SSE (1,) and (``sums``) per-cluster sums (k, d)."""
+    def assign(self, centroids: np.ndarray, sums: bool = True, xsq: bool = False) -> dict:
+        """Label each row with its nearest centroid; counts (k,), SSE (1,), (``sums``) per-cluster sums (k, d) and
+        (``xsq``) per-cluster sums of squared norms (k,)."""
         k = centroids.shape[0]
         index = flat_index(centroids, True, self.resources) if self.gpu else None
         self.labels, dist = nearest_centroid(self.x, centroids, index)
@@ -237,6 +238,8 @@ class KMeansShard:
         }
         if sums:
             out["sums"] = cluster_sums(self.x, self.labels, k)
+        if xsq:
+            out["xsq"] = np.bincount(self.labels, weights=self.xsq, minlength=k)
         return out
 
     # split gains on the stale clusters ``sid`` (ks,) ----------------------------------------------------------------
@@ -269,10 +272,11 @@ class KMeansShard:
                 "psum": np.bincount(p, weights=proj, minlength=sid.size)}  # fmt: skip
 
     def project(self, sid: np.ndarray, k: int, means: np.ndarray, v: np.ndarray) -> dict:
-        """Keep each stale row's projection on its cluster's direction; their per-cluster sums (ks,)."""
+        """Keep each stale row's projection on its cluster's direction; their per-cluster sums (ks,), and the
+        first bisection (at 0, the mean) as :meth:`bisect` gives it."""
         idx, p, proj = self._project(sid, k, means, v)
         self.proj[idx] = proj
-        return {"psum": np.bincount(p, weights=proj, minlength=sid.size)}
+        return {"psum": np.bincount(p, weights=proj, minlength=sid.size), **self.bisect(sid, k, np.zeros(sid.size))}
 
     def bisect(self, sid: np.ndarray, k: int, cut: np.ndarray, halves: bool = False) -> dict:
         """Put each stale row on the upper side when its projection exceeds its cluster's ``cut`` (ks,); the
@@ -293,13 +297,14 @@ class KMeansShard:
 
     def apply(self, relabel: np.ndarray, split_to: np.ndarray) -> dict:
         """Merge and split moves: label l becomes ``relabel[l]``; the upper rows of a split cluster s go to
-        ``split_to[s]`` (>= 0). Counts (k,) and sums (k, d) of the new clusters."""
+        ``split_to[s]`` (>= 0). Counts (k,), sums (k, d) and sums of squared norms (k,) of the new clusters."""
         k = relabel.shape[0]
         new = relabel[self.labels]
         moved = (split_to[self.labels] >= 0) & self.upper
         new[moved] = split_to[self.labels[moved]]
         self.labels = new
-        return {"counts": np.bincount(new, minlength=k).astype(np.int64), "sums": cluster_sums(self.x, new, k)}
+        return {"counts": np.bincount(new, minlength=k).astype(np.int64), "sums": cluster_sums(self.x, new, k),
+                "xsq": np.bincount(new, weights=self.xsq, minlength=k)}  # fmt: skip
 
 
 FIXED = frozenset({"sums", "sse", "xsq", "wsum", "psum", "s_up", "h_sums", "h_xsq"})  # float partials
@@ -405,14 +410,16 @@ def _means(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return sums / np.maximum(counts, 1)[:, None]
 
 
-def split_gains(shards, sid: np.ndarray, k: int, d: int, seed: int, power_iters: int = 4,
-                two_means_iters: int = 5) -> np.ndarray:  # fmt: skip
+def split_gains(shards, sid: np.ndarray, k: int, d: int, seed: int, power_iters: int = 4, two_means_iters: int = 5,
+                stats: dict | None = None) -> np.ndarray:  # fmt: skip
     """Best bisection of each cluster in ``sid`` (ks,) along its principal direction, over a shard set; returns
     the gains (ks,) float64 (SSE decrease if split; 0 for clusters that cannot be split) and leaves each stale row's
     side in its shard's ``upper``. The direction comes from ``power_iters`` distributed power iterations; the cut
     along it from 1-D 2-means on the projections, not the mean: a small concept merged into a large one sits far out
-    on one side, and a cut at the mean would halve the large one instead of isolating it."""
-    st = shards.call("split_stats", sid, k)
+    on one side, and a cut at the mean would halve the large one instead of isolating it. ``stats``: the
+    counts, sums and squared-norm sums of all k clusters as they stand (from the op that labelled them), which saves
+    a round."""
+    st = {key: stats[key][sid] for key in ("counts", "sums", "xsq")} if stats else shards.call("split_stats", sid, k)
     counts = st["counts"].astype(np.float64)
     means = _means(st["sums"], counts)
     sse = st["xsq"] - counts * _sqnorms(means)
@@ -423,10 +430,11 @@ def split_gains(shards, sid: np.ndarray, k: int, d: int, seed: int, power_iters:
         v = r["wsum"] - means * r["psum"][:, None]
         norm = np.linalg.norm(v, axis=1, keepdims=True)
         v = np.where(norm > 0, v / np.where(norm > 0, norm, 1), v)
-    s_all = shards.call("project", sid, k, means, v)["psum"]
-    cut = np.zeros(sid.size)
-    for _ in range(two_means_iters):
-        r = shards.call("bisect", sid, k, cut)
+    r = shards.call("project", sid, k, means, v)  # and the first bisection, at the mean
+    s_all, cut = r["psum"], np.zeros(sid.size)
+    for it in range(two_means_iters):
+        if it:
+            r = shards.call("bisect", sid, k, cut)
         n_up, s_up = r["n_up"].astype(np.float64), r["s_up"]
         with np.errstate(invalid="ignore", divide="ignore"):
             cut = 0.5 * (s_up / n_up + (s_all - s_up) / (counts - n_up))
@@ -529,26 +537,27 @@ def fit_sharded(
     def refine(c: np.ndarray):
         """From Lloyd's centroids: label the sample, then split-merge rounds. State lives on the shards, so a
         lost shard redoes all of this."""
-        r = shards.call("assign", c, sums=False)
-        counts, sse_lloyd, p = r["counts"], float(r["sse"][0]), 1.0
+        r = shards.call("assign", c, xsq=True)
+        counts, sse_lloyd, p, stats = r["counts"], float(r["sse"][0]), 1.0, r
         moves_total = rounds = 0
         gain, stale = np.zeros(k), np.ones(k, dtype=bool)
         for rounds in range(1, refine_rounds + 1):
             sid = np.flatnonzero(stale)
-            gain[sid] = split_gains(shards, sid, k, d, seed + rounds)
+            gain[sid] = split_gains(shards, sid, k, d, seed + rounds, stats=stats)
             cost, partner = merge_costs(c, counts, knn=shards.knn)
             moves = _plan_moves(gain, cost, partner, min_gain_ratio)
             if not moves:
                 rounds -= 1
                 break
             r = shards.call("apply", *_moves_to_maps(k, moves))
-            c, counts = _centroids_from(r, c), r["counts"]
+            c, counts, stats = _centroids_from(r, c), r["counts"], r
             moves_total += len(moves)
             stale[:] = False
             stale[np.asarray(moves).ravel()] = True
             if refine_niter > 0:
                 c = _lloyd_inline(shards, c, refine_niter)
-                counts = shards.call("assign", c, sums=False)["counts"]
+                stats = shards.call("assign", c, xsq=True)
+                counts = stats["counts"]
                 p += refine_niter + 1
                 stale[:] = True
         return c, counts, sse_lloyd, moves_total, rounds, p

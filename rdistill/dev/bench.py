@@ -1,7 +1,8 @@
 """Benchmarks that print ratios against a baseline measured in the same run.
 
     python -m rdistill.dev.bench prototypes [--rows 100000] [--dim 768] [--num-pairs 100] [--skip-recipe] [--floor]
-    python -m rdistill.dev.bench embed | synthesize ...   (see :mod:`rdistill.dev.bench_stages`)
+    python -m rdistill.dev.bench embed | synthesize | embed-funnel | synthesize-funnel ...
+                                                          (see :mod:`rdistill.dev.bench_stages`)
 
 ``prototypes`` writes a planted store (:mod:`rdistill.dev.planted`) to a scratch directory, then runs, each in a fresh
 process so that peak RSS is its own:
@@ -120,6 +121,28 @@ def run_ours(root: Path, out: Path, num_pairs: int, prune_ratio: float, seed: in
     }
 
 
+def time_whole_processes(root: Path, scratch: Path, args) -> dict:
+    """Wall seconds of two whole processes, start-up and imports included: the authors' recipe as a script, and
+    ``python -m rdistill.prototypes`` on the same store."""
+    import shutil
+    import subprocess
+
+    recipe = (f"from pathlib import Path; from rdistill.dev.bench import run_recipe; "
+              f"run_recipe(Path({str(root)!r}), {args.num_pairs}, {args.prune_ratio}, {args.seed})")  # fmt: skip
+    out = scratch / "out-cli"
+    shutil.rmtree(out, ignore_errors=True)
+    ours = [sys.executable, "-m", "rdistill.prototypes", "--embeddings", str(root), "--output", str(out),
+            "--num-pairs", str(args.num_pairs), "--quiet", "--set", f"prune.ratio={args.prune_ratio}",
+            "--set", f"seed={args.seed}", *sum((["--set", s] for s in args.set), [])]  # fmt: skip
+    timings = {}
+    for name, cmd in (("recipe_s", [sys.executable, "-c", recipe]), ("ours_s", ours)):
+        print(f"timing the whole process: {name[:-2]} ...", flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        timings[name] = time.perf_counter() - t0
+    return timings
+
+
 def run_floor(rows_assign: int, rows_caption: int, dim: int, num_pairs: int, block: int, seed: int) -> dict:
     """Bare float32 GEMMs (numpy BLAS) of the streaming searches' shapes: 2 x (rows_assign, d) @ (d, M) and
     (rows_caption, d) @ (d, M), block by block, on random data."""
@@ -199,6 +222,8 @@ def bench_prototypes(args) -> dict:
         r.update(score_recovery(r.pop("img_protos"), r.pop("txt_protos"), concepts))
         r.pop("caption_rows", None)
         results[name] = r
+    if args.whole_process:
+        results["processes"] = time_whole_processes(root, scratch, args)
     if args.floor:
         ours = results["ours"]
         results["floor"] = in_fresh_process(
@@ -212,6 +237,8 @@ def bench_prototypes(args) -> dict:
         f"{'run':8} {'seconds':>9} {'recovered':>9} {'mispaired':>9} {'pairless':>8} {'LAP obj':>9} {'peak RSS':>10}"
     )
     for name, r in results.items():
+        if name == "processes":
+            continue
         if name == "floor":
             print(
                 f"{name:8} {r['seconds']:9.2f} {'':>9} {'':>9} {'':>8} {'':>9} {r['peak_rss_mb']:8.0f} MB"
@@ -236,6 +263,36 @@ def bench_prototypes(args) -> dict:
             f"ours / GEMM floor of all its assignment work: {ours['seconds'] / floor['seconds_with_kmeans']:.2f}x"
             f"   (vs the streaming searches alone: {ours['seconds'] / floor['seconds']:.2f}x)"
         )
+    if "floor" in results:
+        # per step: the GEMMs it has to make at the measured rate (assign: image and text search of the kept rows;
+        # captions: one search of the valid rows; cluster: k-means' counted distance work)
+        ours, rate = results["ours"], results["floor"]["gflops"] * 1e9
+        flops = {
+            "assign": 2 * 2.0 * ours["kept"] * args.num_pairs * args.dim,
+            "captions": 2.0 * ours["valid"] * args.num_pairs * args.dim,
+            "cluster": ours["kmeans_gflop"] * 1e9,
+        }
+        floor["by_step"] = {
+            k: {
+                "floor_s": f / rate,
+                "ours_s": ours["steps"][k]["seconds"],
+                "ratio": ours["steps"][k]["seconds"] / (f / rate),
+            }
+            for k, f in flops.items()
+        }
+        print(
+            "ours / GEMM floor by step: "
+            + ", ".join(
+                f"{k} {v['ours_s']:.1f} s / {v['floor_s']:.1f} s = {v['ratio']:.2f}x"
+                for k, v in floor["by_step"].items()
+            )
+        )
+    if "processes" in results:
+        pr = results["processes"]
+        print(
+            f"whole processes: recipe {pr['recipe_s']:.1f} s, `python -m rdistill.prototypes` {pr['ours_s']:.1f} s:"
+            f" {pr['recipe_s'] / pr['ours_s']:.1f}x"
+        )
     print(
         "ours by step: "
         + ", ".join(f"{k} {v['seconds']:.1f}s/{v['peak_rss_mb']:.0f}MB" for k, v in results["ours"]["steps"].items())
@@ -258,14 +315,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--skip-recipe", action="store_true", help="do not run the authors' recipe (large N)")
     b.add_argument("--floor", action="store_true", help="measure the GEMM floor of the streaming searches")
+    b.add_argument("--whole-process", action="store_true",
+                   help="also time the recipe and `python -m rdistill.prototypes` as whole processes")  # fmt: skip
     b.add_argument("--scratch", help="scratch dir (kept; the store is reused when present)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for ours")
     b.add_argument("--json", help="write the results as JSON here")
-    from rdistill.dev.bench_stages import add_parsers, bench_embed, bench_synthesize
+    from rdistill.dev import bench_stages as st
 
-    add_parsers(sub)
+    st.add_parsers(sub)
     args = p.parse_args(argv)
-    {"prototypes": bench_prototypes, "embed": bench_embed, "synthesize": bench_synthesize}[args.what](args)
+    benches = {"prototypes": bench_prototypes, "embed": st.bench_embed, "synthesize": st.bench_synthesize,
+               "embed-funnel": st.bench_embed_funnel, "synthesize-funnel": st.bench_synthesize_funnel}  # fmt: skip
+    benches[args.what](args)
     return 0
 
 

@@ -12,6 +12,7 @@ one would hang the run): its shards are loaded by the surviving actors, and the 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import Counter
 
 import numpy as np
@@ -29,6 +30,8 @@ from rdistill.errors import RunError
 from rdistill.metrics import delay
 
 log = logging.getLogger(__name__)
+
+ACTOR_PREFIX = "rdistill.kmeans"
 
 
 class ShardHolder:
@@ -66,8 +69,9 @@ class ShardHolder:
     def set_grid(self, bits: int) -> None:
         self.fp = FixedPoint(bits)
 
-    def call(self, op: str, args: tuple, kwargs: dict) -> dict:
+    def call(self, op: str, arguments: tuple[tuple, dict]) -> dict:
         delay(self.step)
+        args, kwargs = arguments
         return run_on_shards([self.shards[j] for j in sorted(self.shards)], self.fp, op, *args, **kwargs)
 
     def gather(self, idx: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -106,13 +110,14 @@ class RayShards:
         self.num_shards, self.calls = len(specs), 0
         holder = ray.remote(ShardHolder)
         actors = []
+        tag = f"{ACTOR_PREFIX}.{uuid.uuid4().hex[:8]}"  # named, so they can be found (dashboard, tests)
         if gpu:
             gpus = int(ray.cluster_resources().get("GPU", 0))
             if gpus < 1:
                 raise RunError("cluster.gpu is true but the Ray cluster has no GPUs")
-            for _ in range(gpus):
+            for i in range(gpus):
                 actors.append(holder.options(num_cpus=cpus_per_actor, num_gpus=1, max_restarts=0,
-                                             name=None).remote(step, 2, True))  # fmt: skip
+                                             name=f"{tag}.gpu{i}").remote(step, 2, True))  # fmt: skip
         else:
             for node in ray.nodes():
                 cpus = int(node.get("Resources", {}).get("CPU", 0))
@@ -120,7 +125,8 @@ class RayShards:
                     continue
                 strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
                 actors.append(holder.options(num_cpus=min(cpus_per_actor, cpus), max_restarts=0,
-                                             scheduling_strategy=strategy).remote(step, cpus, False))  # fmt: skip
+                                             scheduling_strategy=strategy, name=f"{tag}.{node['NodeID'][:8]}")
+                              .remote(step, cpus, False))  # fmt: skip
         if not actors:
             raise RunError("no Ray node with CPUs to hold the k-means sample")
         ready = {a.node.remote(): a for a in actors}
@@ -129,7 +135,8 @@ class RayShards:
         for ref in done:
             try:
                 node, kernel = ray.get(ref)
-            except _lost_errors():
+            except _lost_errors() as e:
+                log.warning("k-means: an actor died as it started, going on without it: %s", e)
                 continue
             self.actors.append(ready[ref])
             self.node_of[ready[ref]] = node
@@ -157,11 +164,12 @@ class RayShards:
     def _load(self, plan: dict) -> list:
         """Load shards on their new owners; an owner lost meanwhile hands its share to the others."""
         ray = self.ray
+        info = []
         while True:
             bits = None if self.fp is None else self.fp.bits
             refs = {a: a.load.remote([(j, self.specs[j]) for j in js], self.loader, bits)
                     for a, js in plan.items() if js}  # fmt: skip
-            info, lost = [], []
+            lost = []
             for a, ref in refs.items():
                 try:
                     info.extend(ray.get(ref))
@@ -221,7 +229,8 @@ class RayShards:
 
     def call(self, op: str, *args, **kwargs) -> dict:
         total = None
-        for part in self._run("call", op, args, kwargs).values():  # zero-copy reads from the object store: copied
+        # the arguments (centroids, directions: O(M d)) go to the object store once, not once per actor
+        for part in self._run("call", op, self.ray.put((args, kwargs))).values():
             total = add_partials(total, part)
         return decode(total or {}, self.fp)
 

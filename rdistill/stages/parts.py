@@ -1,9 +1,14 @@
-"""The part assembler both model stages share: rows come back from an actor pool in any grouping, are gathered
-per unit of output (a store part, a distilled shard), and a unit is written once every one of its rows is there.
+"""Units of output (a store part, a distilled shard) and how the model stages complete them.
 
 Writing a unit is: its files published atomically (data fsynced, renamed, directory fsynced), then its done-marker.
-A run killed in between leaves no marker, so a rerun redoes that unit; the driver only ever holds the rows of the
-units still open.
+A run killed in between leaves no marker, so a rerun redoes that unit. Two ways to get there:
+
+* :class:`PartAssembler` (synthesis): rows come back from an actor pool to the driver in any grouping, are
+  gathered per unit, and the driver writes a unit once every one of its rows is there; the driver only ever holds
+  the rows of the units still open.
+* :class:`FragmentLedger` (embedding): the actors write their rows to staged fragment files themselves and send
+  the driver only ``(unit, first row, rows)``; once a unit's fragments tile it, a worker task turns them into the
+  unit's files and the driver writes the marker (:func:`mark_unit`). The rows never travel to the driver.
 """
 
 from __future__ import annotations
@@ -17,6 +22,15 @@ from rdistill.io.outputs import DoneMarkers, fault_point
 from rdistill.metrics import RateMeter
 
 log = logging.getLogger(__name__)
+
+
+def mark_unit(stage: str, markers: DoneMarkers, unit: int, record: dict, done: list[dict]) -> None:
+    """Record that ``unit``'s files are published: its done-marker, then ``record`` appended to ``done``. The
+    fault points of ``RDISTILL_FAULT_KILL_AFTER`` sit on either side of the marker."""
+    fault_point(f"{stage}.published", len(done) + 1)
+    markers.mark(unit, record)
+    done.append(record)
+    fault_point(stage, len(done))
 
 
 class PartAssembler:
@@ -68,8 +82,62 @@ class PartAssembler:
         if not np.array_equal(cols["pos"], np.arange(expected)):
             raise RuntimeError(f"{self.what(unit)}: {len(cols['pos'])} rows for {expected}, with gaps or duplicates")
         record = self.write(unit, cols)
-        fault_point(f"{self.stage}.published", len(self.done) + 1)
-        self.markers.mark(unit, record)
-        self.done.append(record)
+        mark_unit(self.stage, self.markers, unit, record, self.done)
         self.rows += expected
-        fault_point(self.stage, len(self.done))
+
+
+class FragmentLedger:
+    """What the driver knows of units whose rows workers staged as fragments: per unit, the fragments as
+    ``{first row: rows}`` and, once the producer ended the unit, its row count.
+
+    A unit is complete when its fragments tile ``0 .. rows`` exactly. The same fragment reported twice (a retried
+    batch rewrites the same file) counts once; fragments that overlap or leave gaps are a bug, reported by name.
+    """
+
+    def __init__(self, what: Callable[[int], str]):
+        self.what = what
+        self.fragments: dict[int, dict[int, int]] = {}
+        self.expected: dict[int, int] = {}
+        self.closed: set[int] = set()
+        self.rate = RateMeter()
+
+    @property
+    def open(self) -> set[int]:
+        """Units with fragments or an end but not yet complete (nor failed)."""
+        return (set(self.fragments) | set(self.expected)) - self.closed
+
+    def add(self, unit: int, first: int, rows: int) -> bool:
+        """A fragment of ``rows`` rows from row ``first`` of ``unit`` is staged; returns whether ``unit`` is now
+        complete."""
+        if unit in self.closed:
+            return False
+        self.fragments.setdefault(unit, {})[first] = rows
+        self.rate.tick(rows)
+        return self._complete(unit)
+
+    def end(self, unit: int, rows: int) -> bool:
+        """The producer ended ``unit`` with ``rows`` rows; returns whether ``unit`` is now complete."""
+        self.expected[unit] = rows
+        return self._complete(unit)
+
+    def fail(self, unit: int) -> None:
+        """Forget ``unit`` (its producer failed): later fragments of it are ignored."""
+        self.closed.add(unit)
+        self.fragments.pop(unit, None)
+
+    def _complete(self, unit: int) -> bool:
+        expected = self.expected.get(unit)
+        frags = self.fragments.get(unit, {})
+        if expected is None or unit in self.closed or sum(frags.values()) < expected:
+            return False
+        starts = sorted(frags)
+        ends = [s + frags[s] for s in starts]
+        if starts[:1] not in ([0], []) or starts[1:] != ends[:-1] or (ends[-1] if ends else 0) != expected:
+            raise RuntimeError(f"{self.what(unit)}: fragments {[(s, frags[s]) for s in starts]} do not tile "
+                               f"its {expected} rows: gaps or duplicates")  # fmt: skip
+        return True
+
+    def pop(self, unit: int) -> list[int]:
+        """The first rows of a complete unit's fragments, in order; the unit is closed."""
+        self.closed.add(unit)
+        return sorted(self.fragments.pop(unit, {}))

@@ -52,9 +52,16 @@ def main(store: str, out: str) -> None:
     results["worker_ids"].append(workers[2].node_id)
 
     def remove_during_kmeans():
-        while not (out / "kmeans_lost" / "_work" / "prune.pkl").exists():
+        from rdistill.engine.pool import ACTOR_PREFIX
+
+        while True:  # until the k-means actors exist and answer on both worker nodes
+            named = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(ACTOR_PREFIX)]
+            if len(named) == 2:
+                nodes = ray.get([ray.get_actor(a["name"], a["namespace"]).node.remote() for a in named])
+                if {n for n, _ in nodes} == {workers[0].node_id, workers[2].node_id}:
+                    break
             time.sleep(0.05)
-        time.sleep(1.5)  # into the image k-means (each actor call takes 0.03 s more)
+        time.sleep(0.5)  # into the image k-means (each actor call takes 0.03 s more)
         results["kmeans_lost_at"] = sorted(p.name for p in (out / "kmeans_lost" / "_work").glob("*.pkl"))
         cluster.remove_node(workers[2])
 

@@ -180,3 +180,4 @@ def test_kill_and_resume_equals_an_uninterrupted_run(ray_local, tmp_path):
             x, y = np.load(full / sub / f"{name}_{k}.npy"), np.load(cut / sub / f"{name}_{k}.npy")
             np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-3)
     assert not list(cut.rglob(".*.tmp"))
+    assert not (cut / "_staging").exists()  # what the actors staged for the killed run's unfinished parts is gone

@@ -202,7 +202,10 @@ def test_demo_job_on_a_multinode_cluster_runs_the_engine_on_the_workers(multinod
     assert summary["synthesize"]["images"] == summary["prototypes"]["prototypes"]["count"] == 12
     steps, workers = summary["prototypes"]["steps"], set(multinode["workers"])
     assert summary["prototypes"]["executor"] == "ray"
-    for step in ("scan", "assign", "prototypes", "captions"):  # 4 parts, spread over the two worker nodes
-        assert set(steps[step]["nodes"]) == workers and sum(steps[step]["nodes"].values()) == 4, step
+    used = set()
+    for step in ("scan", "assign", "prototypes", "captions"):  # 4 parts each, on the worker nodes only
+        assert set(steps[step]["nodes"]) <= workers and sum(steps[step]["nodes"].values()) == 4, step
+        used |= set(steps[step]["nodes"])
+    assert used == workers  # SPREAD is best effort per step (a node slow to start workers may miss one), not overall
     assert set(steps["cluster"]["nodes"]) == workers  # a k-means actor on each worker node
     assert (out / "report.html").exists()

@@ -4,7 +4,11 @@
 
 SHARDS is a directory, a glob, a brace pattern (``data/{00000..00099}.tar``) or a URL (anything fsspec opens).
 Ray Data reads and decodes the shards in CPU tasks and streams them through a fixed-size pool of open_clip actors
-(:mod:`rdistill.stages.embed.worker`); the driver writes one part per shard, atomically, then its done-marker:
+(:mod:`rdistill.stages.embed.worker`). The actors write what they embed to ``DIR/_staging/`` and tell the driver
+only which rows of which part they wrote; once a part's rows are all staged, a part writer (an actor per node)
+writes the part, each file atomically, and the driver writes its done-marker. No vector passes through the
+driver, which could not take in and write the output of many GPUs (see "Driver funnel in the model stages" in
+docs/benchmarks.md). One part per shard:
 
     DIR/img_emb/img_emb_{i}.npy      (n, d) float16, raw image embeddings (not normalised)
     DIR/text_emb/text_emb_{i}.npy    (n, d) float16, raw text embeddings
@@ -15,8 +19,9 @@ Ray Data reads and decodes the shards in CPU tasks and streams them through a fi
 
 Part ``i`` holds the samples of the ``i``-th shard of the sorted shard list, in tar order. Vectors are stored raw
 so that their norms, which the unCLIP decoder was trained on, survive; the prototype engine normalises on read.
-A rerun embeds only the shards without a done-marker; shards changed since the last run (size or mtime), another
-model or config are refused unless ``--overwrite``.
+A rerun embeds only the shards without a done-marker (what a killed run staged is removed first); shards changed
+since the last run (size or mtime), another model or config are refused unless ``--overwrite``. Workers write into
+DIR: on a cluster it must be on storage every node reaches, as the input shards must.
 """
 
 from __future__ import annotations
@@ -24,14 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
-from collections import Counter
+import uuid
+from collections import Counter, deque
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from rdistill.cli import add_common_args, run_cli
@@ -41,7 +46,6 @@ from rdistill.io.fingerprint import fingerprint_urls
 from rdistill.io.outputs import (
     SUCCESS,
     DoneMarkers,
-    atomic_path,
     atomic_write_json,
     atomic_write_text,
     claim_output,
@@ -52,8 +56,8 @@ from rdistill.io.outputs import (
 from rdistill.io.shards import SampleFormat, resolve_shards
 from rdistill.metrics import progress
 from rdistill.models.clip import ClipSpec, resolve_clip
-from rdistill.stages.embed.worker import ClipEmbedder, read_shards
-from rdistill.stages.parts import PartAssembler
+from rdistill.stages.embed.worker import ClipEmbedder, PartStager, StagedPartWriter, part_paths, read_shards
+from rdistill.stages.parts import FragmentLedger, mark_unit
 
 log = logging.getLogger(__name__)
 
@@ -61,80 +65,94 @@ RUN_FILE = "embed.json"
 FOLDERS = ("img_emb", "text_emb", "metadata")
 
 
-def _part_paths(out: Path, i: int) -> dict[str, Path]:
-    return {
-        "img": out / "img_emb" / f"img_emb_{i}.npy",
-        "txt": out / "text_emb" / f"text_emb_{i}.npy",
-        "meta": out / "metadata" / f"metadata_{i}.parquet",
-    }
+STAGING = "_staging"
+# part writers: one actor per node of the cluster, at least two (one part's fsyncs overlap another's reading), at
+# most this many (a candidate for a config key, embed.part_writers); each has one part in hand and one queued
+# before the driver waits for the oldest
+MAX_PART_WRITERS = 16
 
 
-def _save_npy(path: Path, x: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, x)
+class _PartSink:
+    """The driver's end of the pool. It receives fragment rows (a few numbers per batch of embedded samples, see
+    :mod:`rdistill.stages.embed.worker`), hands each part whose fragments tile it to a part writer (round robin),
+    and writes the done-marker of each part a writer published, in the order the parts completed (so
+    ``RDISTILL_FAULT_KILL_AFTER`` counts them in stream order). ``fetched_bytes`` counts what reached the driver."""
 
-
-_COLUMNS = ("index", "key", "caption", "img_emb", "txt_emb")
-
-
-class _PartWriter:
-    """Turns the pool's output batches into rows per part for the :class:`PartAssembler`, and writes a complete
-    part: the two arrays and the metadata, each published atomically."""
-
-    def __init__(self, out: Path, shards: list[str], dim: int, bar):
-        self.out, self.shards, self.dim, self.bar = out, shards, dim, bar
+    def __init__(self, out: Path, shards: list[str], dim: int, staging: Path, bar, writers: list):
+        self.out, self.shards, self.dim, self.staging, self.bar = out, shards, dim, staging, bar
+        self.writers, self.started = writers, 0
+        self.ledger = FragmentLedger(lambda p: f"part {p} ({shards[p]})")
+        self.markers = DoneMarkers(out, "part")
         self.info: dict[int, dict] = {}
-        self.asm = PartAssembler("embed", DoneMarkers(out, "part"), self.write, lambda p: f"part {p} ({shards[p]})")
+        self.writes: deque = deque()
+        self.done: list[dict] = []
+        self.failed: list[str] = []
+        self.samples = 0
+        self.fetched_bytes = 0
 
     def add(self, batch: dict) -> None:
-        end = np.asarray(batch["end"], dtype=bool)
-        parts = np.asarray(batch["part"])
-        for p in np.unique(parts).tolist():
-            m = parts == p
-            live = m & ~end
-            if live.any():
-                cols = {k: np.asarray(batch[k])[live] for k in _COLUMNS}
-                self.asm.add(p, {"pos": cols.pop("index"), **cols})
-            ends = np.flatnonzero(m & end)
-            if len(ends):
-                info = json.loads(batch["info"][ends[0]])
+        self.fetched_bytes += sum(_nbytes(v) for v in batch.values())
+        rows = zip(*(batch[k].tolist() for k in ("part", "first", "rows", "end", "info")))
+        for p, first, n, end, info in rows:
+            if not end:
+                complete = self.ledger.add(p, first, n)
+            else:
+                info = json.loads(info)
+                if info["error"]:
+                    self.ledger.fail(p)
+                    self.failed.append(info["error"])
+                    log.error("embed part %d (%s): %s", p, self.shards[p], info["error"])
+                    continue
                 self.info[p] = info
-                self.asm.end(p, int(batch["index"][ends[0]]), info["error"])
-                self.bar.update(1)
-                self.bar.set_postfix(samples=self.asm.rows, refresh=False)
+                complete = self.ledger.end(p, first)
+            if complete:
+                writer = self.writers[self.started % len(self.writers)]
+                self.started += 1
+                ref = writer.write.remote(self.out, p, self.shards[p], self.dim, self.staging, self.ledger.pop(p),
+                                          self.info.pop(p))  # fmt: skip
+                self.writes.append((p, ref))
+        self.collect(2 * len(self.writers))
 
-    def write(self, p: int, cols: dict) -> dict:
-        n, info = len(cols["pos"]), self.info[p]
-        paths = _part_paths(self.out, p)
-        key = cols.get("key", np.zeros(0, dtype=object))
-        caption = cols.get("caption", np.zeros(0, dtype=object))
-        table = pa.table({
-            "key": pa.array([str(k) for k in key], pa.string()),
-            "caption": pa.array([str(c) for c in caption], pa.string()),
-            "shard": pa.array([self.shards[p]] * n, pa.string()),
-            "index": pa.array(np.asarray(cols["pos"], dtype=np.int64)),
-        })  # fmt: skip
-        empty = np.zeros((0, self.dim), np.float16)
-        _save_npy(paths["img"], np.ascontiguousarray(cols.get("img_emb", empty), dtype=np.float16))
-        _save_npy(paths["txt"], np.ascontiguousarray(cols.get("txt_emb", empty), dtype=np.float16))
-        with atomic_path(paths["meta"]) as tmp:
-            pq.write_table(table, tmp)
-        seconds = max(time.time() - info["started"], 1e-9)
-        return {
-            "part": p,
-            "shard": self.shards[p],
-            "samples": n,
-            "skipped": info["skipped"],
-            "retries": info["retries"],
-            "read_seconds": round(info["read_seconds"], 3),
-            "seconds": round(seconds, 3),
-            "samples_per_s": round(n / seconds, 1),
-            "finished": time.time(),
-        }
+    def collect(self, in_flight: int | None = None) -> None:
+        """Mark the finished writes at the head of the queue; with ``in_flight``, first wait for the oldest until
+        at most that many are left (0: all)."""
+        import ray
+
+        while self.writes:
+            p, ref = self.writes[0]
+            if in_flight is not None and len(self.writes) > in_flight:
+                record = ray.get(ref)
+            elif ray.wait([ref], timeout=0)[0]:
+                record = ray.get(ref)
+            else:
+                return
+            self.writes.popleft()
+            if "error" in record:
+                self.failed.append(record["error"])
+                log.error("embed part %d (%s): %s", p, self.shards[p], record["error"])
+                continue
+            mark_unit("embed", self.markers, p, record, self.done)
+            self.samples += record["samples"]
+            self.bar.update(1)
+            self.bar.set_postfix(samples=self.samples, refresh=False)
+
+
+def _nbytes(v) -> int:
+    a = np.asarray(v)
+    return a.nbytes + (sum(len(x) for x in a.ravel() if isinstance(x, (str, bytes))) if a.dtype == object else 0)
+
+
+def _clear_staging(out: Path) -> None:
+    """Remove what an unfinished run left: its staged fragments and any temporary file of a part being written
+    when it was killed (the output lock says no other run writes here)."""
+    shutil.rmtree(out / STAGING, ignore_errors=True)
+    for folder in FOLDERS:
+        for tmp in (out / folder).glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def _clear(out: Path) -> None:
-    clear_output(out, (*FOLDERS, "_done"), (SUCCESS, "summary.json", RUN_FILE, "config.yaml"))
+    clear_output(out, (*FOLDERS, "_done", STAGING), (SUCCESS, "summary.json", RUN_FILE, "config.yaml"))
 
 
 def _run_record(input_spec: str, shards: list[str], spec: ClipSpec, cfg: Config) -> dict:
@@ -156,18 +174,21 @@ def _run_record(input_spec: str, shards: list[str], spec: ClipSpec, cfg: Config)
     }
 
 
-def run_embed(input_spec: str, output: str | Path, cfg: Config, *, overwrite: bool = False) -> dict:
+def run_embed(input_spec: str, output: str | Path, cfg: Config, *, overwrite: bool = False, reader=read_shards,
+              embedder=ClipEmbedder) -> dict:  # fmt: skip
     """Embed the shards matched by ``input_spec`` into the store at ``output``; returns the summary dict.
 
     Parts already done are kept; a store made from other shards (or shards changed since), another model or
-    result-defining config is refused unless ``overwrite``, which recomputes it.
+    result-defining config is refused unless ``overwrite``, which recomputes it. ``reader`` and ``embedder``
+    replace the shard reader and the model actor (same rows in and out): the funnel benchmark runs this driver
+    with a do-nothing model.
     """
     out = Path(output)
     with lock_output(out):
-        return _run_embed(input_spec, out, cfg, overwrite)
+        return _run_embed(input_spec, out, cfg, overwrite, reader, embedder)
 
 
-def _run_embed(input_spec: str, out: Path, cfg: Config, overwrite: bool) -> dict:
+def _run_embed(input_spec: str, out: Path, cfg: Config, overwrite: bool, reader_fn, embedder) -> dict:
     import ray
 
     from rdistill.ray.pools import actor_pool_args, drain, reader_task_args, start_pool
@@ -178,7 +199,7 @@ def _run_embed(input_spec: str, out: Path, cfg: Config, overwrite: bool) -> dict
     claim_output(out, RUN_FILE, record, ("input", "model", "config"), overwrite, _clear,
                  "embeddings of other shards, another model or config")  # fmt: skip
     markers = DoneMarkers(out, "part")
-    done = markers.load(range(len(shards)), lambda i: _part_paths(out, i).values())
+    done = markers.load(range(len(shards)), lambda i: part_paths(out, i).values())
     pending = [i for i in range(len(shards)) if i not in done]
     idle = {"samples": 0, "seconds": 0.0, "samples_per_s": None}
     if not pending and (finished := finished_summary(out, RUN_FILE, idle, parts_this_run=0)):
@@ -188,19 +209,21 @@ def _run_embed(input_spec: str, out: Path, cfg: Config, overwrite: bool) -> dict
     atomic_write_text(out / "config.yaml", dump_config(cfg, "embed"))
     log.info("embed: %d shards, %d done, %d to embed with %s/%s (dim %d)", len(shards), len(done), len(pending),
              spec.model, spec.pretrained or "random", spec.embed_dim)  # fmt: skip
-    plan, new, failed, wall, steady = None, [], [], 0.0, None
+    plan, new, failed, wall, steady, fetched = None, [], [], 0.0, None, 0
     if pending:
         plan = start_pool(cfg.ray, cfg.embed.pool, "embed")
+        _clear_staging(out)
+        staging = out / STAGING / uuid.uuid4().hex[:12]  # this run's: a killed run's late writes cannot mix in
         fmt = SampleFormat.from_config(cfg.embed)
         items = [{"part": i, "url": shards[i]} for i in pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         reader = {"spec": spec, "fmt": fmt, "retries": cfg.embed.shard_retries, "block": cfg.embed.decode_batch}
+        ds = ds.map_batches(reader_fn, batch_size=1, fn_kwargs=reader, **reader_task_args(cfg.embed.decode_cpus, plan))
         ds = ds.map_batches(
-            read_shards, batch_size=1, fn_kwargs=reader, **reader_task_args(cfg.embed.decode_cpus, plan)
-        )
-        ds = ds.map_batches(
-            ClipEmbedder,
+            PartStager,
             fn_constructor_kwargs={
+                "staging": str(staging),
+                "embedder": embedder,
                 "spec": spec,
                 "device": plan.device,
                 "precision": plan.precision,
@@ -209,16 +232,27 @@ def _run_embed(input_spec: str, out: Path, cfg: Config, overwrite: bool) -> dict
             batch_size=cfg.embed.batch_size,
             **actor_pool_args(plan),
         )
+        # no CPU reserved: the pool and its readers may hold every CPU, and a part's write must not wait for them
+        writer = ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)(StagedPartWriter)
+        nodes = sum(1 for n in ray.nodes() if n["Alive"])
+        count = min(max(nodes, 2), MAX_PART_WRITERS)
+        writers = [writer.options(scheduling_strategy="SPREAD").remote() for _ in range(count)]
         with progress(len(pending), "embed", cfg.progress, unit="shards") as bar:
-            writer = _PartWriter(out, shards, spec.embed_dim, bar)
-            wall = drain(ds, writer.add, "embedding")
-        asm = writer.asm
-        new, failed, steady = asm.done, asm.failed, asm.rate.steady()
-        if asm.open:
-            raise RuntimeError(f"parts {sorted(asm.open)} never received their end row")
+            sink = _PartSink(out, shards, spec.embed_dim, staging, bar, writers)
+            wall = drain(ds, sink.add, "embedding")
+            t0 = time.perf_counter()
+            sink.collect(0)  # the last parts' writes
+            wall += time.perf_counter() - t0
+        for w in writers:
+            ray.kill(w)
+        new, failed, steady, fetched = sink.done, sink.failed, sink.ledger.rate.steady(), sink.fetched_bytes
+        if sink.ledger.open:
+            raise RuntimeError(f"parts {sorted(sink.ledger.open)} never received all their rows and end row")
+        shutil.rmtree(out / STAGING, ignore_errors=True)
     done.update({r["part"]: r for r in new})
     summary = _summary(input_spec, out, record, len(shards), done, new, failed, wall, plan)
     summary["this_run"]["steady_samples_per_s"] = steady
+    summary["this_run"]["driver_fetched_bytes"] = fetched
     atomic_write_json(out / "summary.json", summary)
     if failed:
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""

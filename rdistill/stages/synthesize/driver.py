@@ -177,16 +177,18 @@ def _clear(out: Path) -> None:
 
 
 def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, overwrite: bool = False,
-                   allow_incomplete: bool = False) -> dict:  # fmt: skip
+                   allow_incomplete: bool = False, painter=Painter) -> dict:  # fmt: skip
     """Paint one image per prototype in ``prototypes`` (a prototypes dir or parquet) into ``output``.
 
-    Unfinished prototypes of ours are refused unless ``allow_incomplete``; see :func:`claim_output` for resume."""
+    Unfinished prototypes of ours are refused unless ``allow_incomplete``; see :func:`claim_output` for resume.
+    ``painter`` replaces the decoder actor (same rows in and out): the funnel benchmark runs this driver with a
+    do-nothing decoder."""
     out = Path(output)
     with lock_output(out):
-        return _run_synthesize(prototypes, out, cfg, overwrite, allow_incomplete)
+        return _run_synthesize(prototypes, out, cfg, overwrite, allow_incomplete, painter)
 
 
-def _run_synthesize(prototypes, out: Path, cfg: Config, overwrite: bool, allow_incomplete: bool) -> dict:
+def _run_synthesize(prototypes, out: Path, cfg: Config, overwrite: bool, allow_incomplete: bool, painter) -> dict:
     import ray
 
     from rdistill.ray.pools import actor_pool_args, drain, start_pool
@@ -241,7 +243,7 @@ def _run_synthesize(prototypes, out: Path, cfg: Config, overwrite: bool, allow_i
         step = max(sc.batch_size, 1)
         ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, n_todo, step)])
         ds = ds.map_batches(
-            Painter,
+            painter,
             fn_constructor_kwargs={
                 "model": sc.model,
                 "settings": PaintSettings.from_config(sc),
