@@ -168,6 +168,155 @@ class JobConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """The evaluation harness (``python -m rdistill.evaluate``): students trained on a distilled set, judged by
+    retrieval recall. Defaults are the PDS protocol (authors' code, junhyeok9712/PDS, and paper section 4.1); empty
+    or 0 values take the protocol's (or, for learning rates, the set's ``distilled.json``) default."""
+
+    protocol: str = _f(
+        "pds",
+        choices=("pds", "lors"),
+        doc="pds: timm students + frozen CLIP text; lors: nfnet_l0 + frozen BERT CLS (MTT-VL / LoRS)",
+    )
+    select: str = _f(
+        "val",
+        choices=("val", "test"),
+        doc="epoch selection on the val split (test: the reference "
+        "code's best-on-test choice, for parity with published numbers; marked wherever shown)",
+    )
+    students: str = _f(
+        "",
+        doc="comma-separated timm image models, or rdistill-tiny-resnet / rdistill-tiny-vit "
+        "(random init, offline); empty: pds nf_resnet50,vit_tiny_patch16_224; lors nfnet_l0",
+    )
+    image_weights: str = _f(
+        "hub",
+        doc="hub (timm's pretrained weights, needs a network or its cache), random, "
+        "or a directory holding STUDENT.safetensors / .pth / .bin or STUDENT/model.safetensors",
+    )
+    image_trainable: bool = _f(
+        True,
+        doc="fine-tune the image backbone (paper 4.1); false: train the text head "
+        "only (the reference code's default), image features cached once",
+    )
+    image_features: str = _f(
+        "auto",
+        choices=("auto", "logits", "pooled"),
+        doc="what the image model outputs: "
+        "logits (1000-d classifier, pds) or pooled features (lors); auto: the protocol's",
+    )
+    image_size: int = _f(224, lo=8, doc="square bicubic resize of every image (authors: 224), CLIP mean/std")
+    text_encoder: str = _f(
+        "",
+        doc="frozen text encoder: clip:MODEL[/PRETRAINED] (open_clip, or clip:rdistill-tiny)"
+        " or bert:NAME_OR_PATH (transformers, or bert:rdistill-tiny); empty: pds "
+        "clip:ViT-L-14/openai, lors bert:bert-base-uncased",
+    )
+    train_text: str = _f(
+        "auto",
+        choices=("auto", "npy", "caption"),
+        doc="text side of a training set: its "
+        "distilled .npy vectors (auto when present) or its captions through the text encoder",
+    )
+    caption_preprocess: str = _f(
+        "blip",
+        choices=("blip", "none"),
+        doc="captions as the authors' pre_caption "
+        "cleans them (lower case, punctuation off, max_words) before encoding",
+    )
+    max_words: int = _f(30, lo=1, doc="words kept per caption by the blip preprocessing (authors: 30)")
+    head_dropout: float = _f(0.1, lo=0.0, hi=0.9, doc="dropout of the text projection head (authors: 0.1)")
+    temperature: float = _f(0.07, lo=1e-4, doc="fixed InfoNCE temperature (authors: 0.07)")
+    epochs: int = _f(
+        100,
+        lo=1,
+        doc="E: the reference trains passes 0..E (E + 1 of them) and evaluates after "
+        "passes 0, eval_every, 2 eval_every, ..., E",
+    )
+    eval_every: int = _f(10, lo=1, doc="evaluate after every this many passes (and the last)")
+    batch_size: int = _f(128, lo=1, doc="global batch (authors: 128), split over data-parallel workers")
+    lr_image: float = _f(
+        0.0,
+        lo=0.0,
+        doc="SGD learning rate of the image backbone; 0: the set's learned one "
+        "(distilled.json), else pds 0.2, lors 0.1",
+    )
+    lr_text: float = _f(
+        0.0, lo=0.0, doc="SGD learning rate of the text head; 0: the set's learned one, else pds 0.2, lors 0.1"
+    )
+    momentum: float = _f(0.9, lo=0.0, hi=1.0, doc="SGD momentum (authors: 0.9)")
+    weight_decay: float = _f(5e-4, lo=0.0, doc="SGD weight decay (authors: 5e-4)")
+    decay_epoch: int = _f(
+        0,
+        lo=0,
+        doc="learning rates x decay_factor from this pass on; 0: epochs // 2 + 1 "
+        "(the reference's MultiStepLR milestone)",
+    )
+    decay_factor: float = _f(0.1, lo=0.0, hi=1.0, doc="learning-rate decay (authors: 0.1)")
+    runs: int = _f(5, lo=1, doc="runs (seeds) per set and student; the table reports their mean and std")
+    random_subset: bool = _f(
+        True, doc="add a random-subset row of each set's size when the eval data has a train split"
+    )
+    full_data: bool = _f(
+        False,
+        doc="add the full-data row (the whole train split, one pair per caption; images "
+        "held in memory: n x image_size^2 x 3 bytes)",
+    )
+    workers: int = _f(
+        0,
+        lo=0,
+        doc="data-parallel workers per run; 0: 1 up to data_parallel_pairs pairs, else one "
+        "per GPU of the cluster (at least 1)",
+        runtime=True,
+    )
+    data_parallel_pairs: int = _f(
+        20000, lo=1, doc="sets larger than this train data-parallel when workers is 0", runtime=True
+    )
+    executor: str = _f(
+        "auto",
+        choices=("auto", "local", "ray"),
+        doc="ray: every run a Ray Train TorchTrainer, the "
+        "runs in parallel over the cluster; local: in this process, one after another; auto: ray "
+        "when ray.address or RAY_ADDRESS is set",
+        runtime=True,
+    )
+    device: str = _f(
+        "auto",
+        choices=("auto", "cpu", "cuda"),
+        doc="auto: cuda when the cluster (or this machine) has GPUs",
+        runtime=True,
+    )
+    cpus_per_worker: float = _f(
+        1.0,
+        lo=0.0,
+        doc="CPUs each training worker reserves, and its torch threads on CPU (the local executor's too: "
+        "more threads than free cores slow small models down many times)",
+        runtime=True,
+    )
+    gpus_per_worker: float = _f(1.0, lo=0.0, doc="GPUs each training worker reserves on cuda", runtime=True)
+    eval_batch_size: int = _f(256, lo=1, doc="images per forward pass when computing eval features", runtime=True)
+
+
+@dataclass(frozen=True)
+class CoresetConfig:
+    """The coreset baselines (``python -m rdistill.coreset``, PDS tables 2 and 5) on L2-normalised CLIP features
+    of the embedding store; M is ``cluster.num_pairs`` (``--num-pairs``)."""
+
+    method: str = _f(
+        "random",
+        choices=("random", "herding", "kcenter", "clip-score", "text-prototype", "image-prototype"),
+        doc="the selection rule",
+    )
+    pool: int = _f(
+        100_000,
+        lo=1,
+        doc="herding and k-center select from a uniform candidate pool of this many rows "
+        "(memory: pool x 2d x 4 bytes); the whole store when it is smaller",
+    )
+    shard_size: int = _f(1000, lo=1, doc="pairs per output shard")
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = _f(0, lo=0, doc="seed of every random choice (sampling, seeding)")
     executor: str = _f(
@@ -195,6 +344,8 @@ class Config:
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     job: JobConfig = field(default_factory=JobConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    coreset: CoresetConfig = field(default_factory=CoresetConfig)
 
 
 # The sections each stage's result depends on: a finished stage is redone only when one of these changed.

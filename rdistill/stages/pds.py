@@ -1,11 +1,13 @@
 """The full PDS job: embed, then prototypes, then synthesize, then the report.
 
     python -m rdistill.pds --config FILE [--input SHARDS | --embeddings DIR] --output DIR [--num-pairs M]
+                           [--eval-data SPEC [--eval-images DIR]]
                            [--set key=value ...] [--overwrite] [--allow-incomplete] [--quiet]
 
     OUT/embeddings/   the embedding store (only with --input; --embeddings points at an existing one)
     OUT/prototypes/   prototypes.parquet and the engine's summary
     OUT/distilled/    WebDataset shards of the distilled pairs and manifest.parquet
+    OUT/eval/         with --eval-data: the evaluation harness's eval.json and eval.html (rdistill.evaluate)
     OUT/summary.json  every stage's summary; OUT/report.html: plots and a contact sheet
 
 Every stage keeps its own done-markers, so a resubmitted job skips the stages (and the parts of a stage) that
@@ -39,17 +41,20 @@ def _stage(name: str, fn, what) -> tuple[dict, dict]:
 
 
 def run_pds(cfg: Config, output: str | Path, *, input_spec: str = "", embeddings: str = "",
-            overwrite: bool = False, allow_incomplete: bool = False) -> dict:  # fmt: skip
+            overwrite: bool = False, allow_incomplete: bool = False, eval_data: str = "",
+            eval_images: str = "") -> dict:  # fmt: skip
     """Run the job into ``output``; returns the job summary (also written to ``output/summary.json``).
 
-    ``overwrite`` and ``allow_incomplete`` apply to every stage (:func:`rdistill.io.outputs.claim_output`)."""
+    ``overwrite`` and ``allow_incomplete`` apply to every stage (:func:`rdistill.io.outputs.claim_output`).
+    ``eval_data`` (a Karpathy-style file with ``eval_images`` its image root, eval shards, or ``toy``) adds the
+    evaluation harness after synthesis (:mod:`rdistill.eval.driver`) and its table to the report."""
     out = Path(output)
     with lock_output(out):
-        return _run_pds(cfg, out, input_spec, embeddings, overwrite, allow_incomplete)
+        return _run_pds(cfg, out, input_spec, embeddings, overwrite, allow_incomplete, eval_data, eval_images)
 
 
 def _run_pds(cfg: Config, out: Path, input_spec: str, embeddings: str, overwrite: bool,
-             allow_incomplete: bool) -> dict:  # fmt: skip
+             allow_incomplete: bool, eval_data: str = "", eval_images: str = "") -> dict:  # fmt: skip
     from rdistill.engine import run_prototypes
     from rdistill.stages.embed.driver import run_embed
     from rdistill.stages.report import write_report
@@ -57,6 +62,10 @@ def _run_pds(cfg: Config, out: Path, input_spec: str, embeddings: str, overwrite
 
     input_spec = input_spec or cfg.job.input
     embeddings = embeddings or cfg.job.embeddings
+    if eval_data and not cfg.job.synthesize:
+        raise RunError("--eval-data evaluates the distilled set: it needs the synthesis stage (job.synthesize)")
+    if eval_images and not eval_data:
+        raise RunError("--eval-images is the image root of --eval-data: give both")
     if input_spec and embeddings:
         raise RunError("give --input (shards to embed) or --embeddings (an existing store), not both")
     if not input_spec and not embeddings:
@@ -92,7 +101,19 @@ def _run_pds(cfg: Config, out: Path, input_spec: str, embeddings: str, overwrite
         )  # fmt: skip
         summary["synthesize"] = syn
         distilled = out / "distilled"
-    report = write_report(out, summary, out / "prototypes", distilled, cfg.job.report_images)
+    evaluation = None
+    if eval_data:
+        from rdistill.eval.driver import run_evaluate
+
+        evaluation, stages["evaluate"] = _stage(
+            "evaluate",
+            lambda: run_evaluate([str(distilled)], eval_data, out / "eval", cfg, eval_images=eval_images or None,
+                                 overwrite=overwrite),
+            lambda s: ("skipped (done)" if not s["runs_this_time"] else "ran",
+                       f"{len(s['results'])} rows, {s['runs_this_time']} runs this time, select on {s['select']}"),
+        )  # fmt: skip
+        summary["evaluate"] = {k: evaluation[k] for k in ("protocol", "select", "results", "seconds")}
+    report = write_report(out, summary, out / "prototypes", distilled, cfg.job.report_images, evaluation)
     summary["report"] = str(report)
     atomic_write_json(out / "summary.json", summary)
     return summary
@@ -130,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--embeddings", default="", help="an existing embedding store (skips the embed stage)")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--num-pairs", type=int, help="M, the number of distilled pairs (cluster.num_pairs)")
+    p.add_argument("--eval-data", default="", help="evaluate the distilled set on this Karpathy-style .json, "
+                   "WebDataset eval shards, or toy (rdistill.evaluate); the table goes into the report")  # fmt: skip
+    p.add_argument("--eval-images", default="", help="image root of a Karpathy-style --eval-data file")
     add_common_args(p)
     return p
 
@@ -143,7 +167,8 @@ def print_summary(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     def run(args, cfg):
         return run_pds(cfg, args.output, input_spec=args.input, embeddings=args.embeddings, overwrite=args.overwrite,
-                       allow_incomplete=args.allow_incomplete)  # fmt: skip
+                       allow_incomplete=args.allow_incomplete, eval_data=args.eval_data,
+                       eval_images=args.eval_images)  # fmt: skip
 
     return run_cli(build_parser(), argv, run, print_summary, num_pairs_override)
 

@@ -2,7 +2,7 @@
 
 It shows the per-stage summary (counts, skips, throughput, time), the cluster-size histogram, the prototype
 alignment histogram with pairless and shared-pair prototypes apart (paper figures 4 and 5), and a contact sheet of
-synthesized images with their captions.
+synthesized images with their captions; with ``--eval-data``, the evaluation harness's recall table.
 """
 
 from __future__ import annotations
@@ -102,8 +102,19 @@ def _models(summary: dict) -> str:
     return ("Models: " + ", ".join(parts) + ".") if parts else ""
 
 
-def write_report(out: Path, summary: dict, prototypes: Path, distilled: Path | None, images: int = 48) -> Path:
-    """Write ``out/report.html`` from the stage outputs; returns its path."""
+def _evaluation(evaluation: dict | None) -> str:
+    if not evaluation:
+        return ""
+    from rdistill.eval.report import table_html
+
+    link = '<p>Curves and settings: <a href="eval/eval.html">eval/eval.html</a>.</p>'
+    return f"<h2>Retrieval evaluation</h2>\n{table_html(evaluation)}\n{link}"
+
+
+def write_report(out: Path, summary: dict, prototypes: Path, distilled: Path | None, images: int = 48,
+                 evaluation: dict | None = None) -> Path:  # fmt: skip
+    """Write ``out/report.html`` from the stage outputs (and ``evaluation``, an ``eval.json`` document, as the
+    recall table); returns its path."""
     import pyarrow.parquet as pq
 
     from rdistill.io.outputs import atomic_write_text
@@ -139,6 +150,7 @@ Output: <code>{html.escape(str(out))}</code>. {_models(summary)}</p>
 </table>
 <h2>Clusters and prototypes</h2>
 <div class="plots">{"".join(plots)}</div>
+{_evaluation(evaluation)}
 <h2>Synthesized images</h2>
 <div class="sheet">{sheet or "<p>no images yet</p>"}</div>
 </body></html>

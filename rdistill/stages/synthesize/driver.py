@@ -38,6 +38,7 @@ import yaml
 from rdistill.cli import add_common_args, run_cli
 from rdistill.config import Config, dump_config
 from rdistill.errors import RunError
+from rdistill.io.distilled import write_pds_distilled_json
 from rdistill.io.outputs import (
     SUCCESS,
     DoneMarkers,
@@ -173,7 +174,8 @@ def _write_tar(path: Path, rows: list[dict], model: str, fmt: str) -> None:
 
 
 def _clear(out: Path) -> None:
-    clear_output(out, ("shards", "_done"), (SUCCESS, "summary.json", RUN_FILE, "config.yaml", "manifest.parquet"))
+    clear_output(out, ("shards", "_done"),
+                 (SUCCESS, "summary.json", RUN_FILE, "config.yaml", "manifest.parquet", "distilled.json"))  # fmt: skip
 
 
 def run_synthesize(prototypes: str | Path, output: str | Path, cfg: Config, *, overwrite: bool = False,
@@ -269,6 +271,9 @@ def _run_synthesize(prototypes, out: Path, cfg: Config, overwrite: bool, allow_i
         raise RunError(f"{out}: the shards do not hold exactly one image per prototype; rerun with --overwrite")
     with atomic_path(out / "manifest.parquet") as tmp:
         pq.write_table(pa.Table.from_pylist(manifest), tmp)
+    # what the evaluation harness reads: the text space of the .npy vectors, the image format (rdistill.io.distilled)
+    write_pds_distilled_json(out, prototypes, count=total, dim=dim, image_format=sc.image_format,
+                             image_size=sc.image_size)  # fmt: skip
     images_new = sum(r["images"] for r in new)
     summary = {
         "stage": "synthesize",

@@ -1,0 +1,204 @@
+"""Benchmarks of the evaluation harness (docs/benchmarks.md, "Evaluation harness").
+
+    python -m rdistill.eval.bench flickr-sized [--students nf_resnet50,vit_tiny_patch16_224] [--epochs 10]
+                                               [--threads 2] [--scratch DIR]
+    python -m rdistill.eval.bench ray-parallel [--student vit_tiny_patch16_224] [--epochs 2] [--eval-size 1000]
+                                               [--scratch DIR]
+
+``flickr-sized``: one evaluation of the size of a Flickr30K table cell, on toy images written at 224 px: 100
+distilled pairs (with text vectors), 1k val and 1k test images with 5 captions each, the real student
+architectures with random weights, trainable backbone, ``--epochs`` passes (+1, as the reference counts), evaluated
+every 10. The run itself encodes text with the tiny CLIP; the cost of ViT-L/14's text tower (random weights, same
+compute) is measured on ``--text-sample`` captions and extrapolated to the 10k val + test captions.
+
+``ray-parallel``: the same kind of cell for one student (``--eval-size`` val and test images), two runs (seeds)
+through Ray Train on a local 2-CPU instance, 1 CPU per worker: both trainers submitted at once, then one after the
+other; prints both wall times and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _data(scratch: Path, pairs: int, n_val: int, n_test: int, size: int = 224):
+    from rdistill.eval.toy import write_toy_karpathy
+    from rdistill.io.distilled import write_distilled_set
+    from rdistill.io.karpathy import read_karpathy
+    from rdistill.models.students import TextEncoder, parse_text_encoder
+
+    kj = scratch / "karpathy" / "dataset_toy.json"
+    if not kj.exists():
+        write_toy_karpathy(kj.parent, {"train": pairs, "val": n_val, "test": n_test}, seed=11, size=size)
+    subset = scratch / "set"
+    if not (subset / "distilled.json").exists():
+        split = read_karpathy(kj).splits["train"]
+        caps = [split.captions[split.img2txt[i][0]] for i in range(pairs)]
+        vec = TextEncoder(parse_text_encoder("clip:rdistill-tiny")).encode(caps)
+        vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+        samples = [
+            {
+                "key": f"{i:08d}",
+                "image": open(split.paths[i], "rb").read(),
+                "ext": "png",
+                "caption": caps[i],
+                "npy": vec[i],
+            }
+            for i in range(pairs)
+        ]
+        write_distilled_set(subset, samples, method="bench", text_space="clip:rdistill-tiny", text_vectors=True)
+    return kj, subset
+
+
+def _overrides(students: str, epochs: int, threads: int, executor: str) -> list[str]:
+    return [
+        f"evaluate.students={students}",
+        "evaluate.image_weights=random",
+        "evaluate.text_encoder=clip:rdistill-tiny",
+        f"evaluate.epochs={epochs}",
+        "evaluate.eval_every=10",
+        "evaluate.runs=1",
+        "evaluate.random_subset=false",
+        f"evaluate.executor={executor}",
+        f"evaluate.cpus_per_worker={threads}",
+        "progress=false",
+    ]
+
+
+def flickr_sized(args) -> dict:
+    import torch
+
+    from rdistill.config import load_config
+    from rdistill.eval.driver import run_evaluate
+    from rdistill.models.students import TextEncoder, parse_text_encoder
+
+    scratch = Path(args.scratch)
+    kj, subset = _data(scratch, 100, 1000, 1000)
+    cfg = load_config(None, _overrides(args.students, args.epochs, args.threads, "local"))
+    out = scratch / f"eval-{args.epochs}"
+    t0 = time.perf_counter()
+    summary = run_evaluate([str(subset)], str(kj), out, cfg, overwrite=True)
+    wall = time.perf_counter() - t0
+    torch.set_num_threads(args.threads)
+    enc = TextEncoder(parse_text_encoder("clip:ViT-L-14"))  # random weights: the compute of the real tower
+    caps = [f"a photo of a red circle number {i} on a blue background" for i in range(args.text_sample)]
+    enc.encode(caps[:8])
+    t1 = time.perf_counter()
+    enc.encode(caps, batch_size=64)
+    per_caption = (time.perf_counter() - t1) / len(caps)
+    cells = {r["student"]: {"wall": r["seconds"], "cpu": r["cpu_seconds"]} for r in summary["results"]}
+    return {
+        "bench": "flickr-sized",
+        "epochs": args.epochs,
+        "passes": args.epochs + 1,
+        "evaluations": len(summary["results"][0]["curve"]),
+        "threads": args.threads,
+        "load_average": os.getloadavg(),
+        "wall_s": round(wall, 1),
+        "per_student_s": cells,
+        "eval_images_decode_s": summary["seconds"]["eval_images"],
+        "tiny_text_features_s": summary["seconds"]["text_features"],
+        "vit_l14_text_s_per_caption": round(per_caption, 4),
+        "vit_l14_text_10k_captions_s": round(per_caption * 10_000, 1),
+    }
+
+
+def ray_parallel(args) -> dict:
+    import dataclasses
+
+    from rdistill.config import load_config
+    from rdistill.eval.driver import FeatureCache, _text_side, resolve_protocol, run_seed
+    from rdistill.eval.runner import run_ray
+    from rdistill.eval.sets import read_distilled_set
+    from rdistill.eval.train import RunJob, TrainSettings
+    from rdistill.io.karpathy import load_eval_data
+    from rdistill.models.students import StudentSpec
+    from rdistill.ray.pools import init_ray
+
+    scratch = Path(args.scratch) / f"ray-{args.eval_size}"
+    kj, subset = _data(scratch, 100, args.eval_size, args.eval_size)
+    cfg = load_config(None, _overrides(args.student, args.epochs, 1, "ray") + ["ray.num_cpus=2"])
+    protocol = resolve_protocol(cfg)
+    cache = FeatureCache(scratch / "cache", cfg, protocol)
+    data = load_eval_data(str(kj))
+    ts = read_distilled_set(subset, 224, "set")
+    feats, unit, _ = _text_side(ts, cache, cfg, protocol)
+    evals = {
+        "unit": {
+            k: {
+                "images": cache.images(data.splits[k]),
+                "text": cache.text(data.splits[k].captions),
+                "txt2img": data.splits[k].txt2img,
+            }
+            for k in ("val", "test")
+        }
+    }
+    for v in evals["unit"].values():
+        v["text"] = (v["text"] / np.linalg.norm(v["text"], axis=1, keepdims=True)).astype(np.float32)
+    sets = {"set": {"train_images": ts.images, "pair_image": ts.pair_image, "train_text": feats}}
+    settings = TrainSettings(epochs=args.epochs, eval_every=10, decay_epoch=args.epochs // 2 + 1)
+    spec = StudentSpec(args.student, "random", "logits", 224)
+    jobs = [RunJob(f"r{r}", "set", spec, settings, run_seed(0, args.student, r), r, 1, "cpu", 1) for r in range(2)]
+    init_ray(cfg.ray)
+    runs = scratch / "ray-runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    run_ray(jobs, sets, evals, {"set": "unit"}, runs, scratch / "ray-train", 1.0, 0.0)
+    together = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for job in jobs:
+        run_ray(
+            [dataclasses.replace(job, run_id=job.run_id + "s")],
+            sets,
+            evals,
+            {"set": "unit"},
+            runs,
+            scratch / "ray-train",
+            1.0,
+            0.0,
+        )
+    apart = time.perf_counter() - t0
+    return {
+        "bench": "ray-parallel",
+        "student": args.student,
+        "epochs": args.epochs,
+        "load_average": os.getloadavg(),
+        "two_runs_together_s": round(together, 1),
+        "two_runs_one_after_the_other_s": round(apart, 1),
+        "ratio": round(apart / together, 2),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rdistill.eval.bench")
+    sub = p.add_subparsers(dest="bench", required=True)
+    a = sub.add_parser("flickr-sized")
+    a.add_argument("--students", default="nf_resnet50,vit_tiny_patch16_224")
+    a.add_argument("--epochs", type=int, default=10)
+    a.add_argument("--threads", type=int, default=2)
+    a.add_argument("--text-sample", type=int, default=256)
+    a.add_argument("--scratch", default="/tmp/rdistill-eval-bench")
+    b = sub.add_parser("ray-parallel")
+    b.add_argument("--student", default="vit_tiny_patch16_224")
+    b.add_argument("--epochs", type=int, default=2)
+    b.add_argument("--eval-size", type=int, default=1000, help="images in each of the val and test splits")
+    b.add_argument("--scratch", default="/tmp/rdistill-eval-bench")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = flickr_sized(args) if args.bench == "flickr-sized" else ray_parallel(args)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

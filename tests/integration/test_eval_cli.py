@@ -1,0 +1,185 @@
+"""python -m rdistill.evaluate end to end on toy data: eval.json's fields, eval.html, resume, refusals."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from rdistill.eval.driver import main  # noqa: E402
+from rdistill.eval.toy import write_toy_karpathy  # noqa: E402
+from rdistill.io.distilled import read_distilled_info, write_distilled_set, write_pds_distilled_json  # noqa: E402
+from rdistill.io.karpathy import read_karpathy  # noqa: E402
+from rdistill.models.students import TextEncoder, parse_text_encoder  # noqa: E402
+
+TINY = [
+    "evaluate.students=rdistill-tiny-resnet",
+    "evaluate.image_weights=random",
+    "evaluate.text_encoder=clip:rdistill-tiny",
+    "evaluate.image_size=32",
+    "evaluate.epochs=2",
+    "evaluate.eval_every=1",
+    "evaluate.batch_size=32",
+    "evaluate.runs=2",
+    "evaluate.lr_image=0.1",
+    "evaluate.lr_text=0.1",
+    "evaluate.executor=local",
+]
+KEYS = {"IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean"}
+
+
+def _sets(root, space):
+    kj = write_toy_karpathy(root / "karpathy", {"train": 40, "val": 12, "test": 12}, seed=4, size=32)
+    split = read_karpathy(kj).splits["train"]
+    caps = [split.captions[split.img2txt[i][0]] for i in range(24)]
+    vec = TextEncoder(parse_text_encoder("clip:rdistill-tiny")).encode(caps)
+    vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+    samples = [
+        {
+            "key": f"{i:08d}",
+            "image": open(split.paths[i], "rb").read(),
+            "ext": "png",
+            "caption": caps[i],
+            "npy": vec[i],
+        }
+        for i in range(24)
+    ]
+    write_distilled_set(
+        root / "set", samples, shard_size=10, method="test", text_space=space, text_vectors=True, text_dim=vec.shape[1]
+    )
+    return kj, root / "set"
+
+
+def _cli(*args):
+    return main([*[x for s in TINY for x in ("--set", s)], *args, "--quiet"])  # the test's --set win
+
+
+def test_cli_writes_the_table_and_resumes(tmp_path, capsys):
+    kj, subset = _sets(tmp_path, "clip:rdistill-tiny")
+    out = tmp_path / "eval"
+    assert _cli("--train", str(subset), "--eval-data", str(kj), "--output", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "random-subset-24" in printed and "epochs selected on val" in printed
+    doc = json.loads((out / "eval.json").read_text())
+    assert [(r["set"], r["kind"]) for r in doc["results"]] == [
+        ("set", "distilled"),
+        ("random-subset-24", "random-subset"),
+    ]
+    for r in doc["results"]:
+        assert {"set", "student", "protocol", "select", "runs", "test", "test_std", "epochs", "curve"} <= set(r)
+        assert r["protocol"] == "pds" and r["select"] == "val" and r["runs"] == 2 and len(r["epochs"]) == 2
+        assert set(r["test"]) == KEYS and set(r["test_std"]) == KEYS
+        assert [p["epoch"] for p in r["curve"]] == [0, 1, 2]
+        assert all(set(p["val"]) == KEYS and set(p["test"]) == KEYS for p in r["curve"])
+        assert all(e in (0, 1, 2) for e in r["epochs"])
+    assert doc["results"][0]["text_side"] == "npy" and doc["results"][1]["text_side"] == "caption"
+    html = (out / "eval.html").read_text()
+    assert "<table>" in html and "<svg" in html and "random-subset-24" in html
+    assert len(list((out / "cache" / "text").glob("*.npy"))) >= 2  # val and test captions, encoded once
+    assert _cli("--train", str(subset), "--eval-data", str(kj), "--output", str(out)) == 0
+    again = json.loads((out / "eval.json").read_text())
+    assert again["runs_this_time"] == 0 and again["results"][0]["test"] == doc["results"][0]["test"]
+
+
+def test_select_test_is_marked_and_a_foreign_text_space_is_refused(tmp_path, capsys):
+    kj, subset = _sets(tmp_path, "clip:ViT-B-32/openai")
+    code = _cli("--train", str(subset), "--eval-data", str(kj), "--output", str(tmp_path / "a"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "clip:ViT-B-32/openai" in err[0] and "clip:rdistill-tiny" in err[0] and "train_text=caption" in err[0]
+    code = _cli(
+        "--train",
+        str(subset),
+        "--eval-data",
+        "toy",
+        "--output",
+        str(tmp_path / "b"),
+        "--select",
+        "test",
+        "--set",
+        "evaluate.train_text=caption",
+        "--set",
+        "evaluate.random_subset=false",
+        "--set",
+        "evaluate.runs=1",
+    )
+    assert code == 0
+    doc = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert doc["select"] == "test" and "TEST split" in doc["select_note"]
+    assert doc["eval_data"]["splits"]["test"] == {"images": 40, "captions": 200}  # --eval-data toy
+    assert "TEST split" in (tmp_path / "b" / "eval.html").read_text()
+    assert "SELECTED ON TEST" in capsys.readouterr().out
+
+
+def test_missing_val_split_and_bad_set_are_one_line(tmp_path, capsys):
+    kj = write_toy_karpathy(tmp_path / "k", {"train": 4, "test": 4}, seed=1, size=16)
+    (tmp_path / "empty").mkdir()
+    assert _cli("--train", str(tmp_path / "empty"), "--eval-data", str(kj), "--output", str(tmp_path / "o")) == 2
+    assert "no val split" in capsys.readouterr().err
+    kj2 = write_toy_karpathy(tmp_path / "k2", {"train": 4, "val": 4, "test": 4}, seed=1, size=16)
+    assert _cli("--train", str(tmp_path / "empty"), "--eval-data", str(kj2), "--output", str(tmp_path / "o2")) == 2
+    assert "no manifest.parquet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("records", [True, False])
+def test_distilled_json_fallback_from_the_run_records(tmp_path, records):
+    d = tmp_path / "distilled"
+    d.mkdir()
+    if records:
+        (tmp_path / "store").mkdir()
+        (tmp_path / "store" / "embed.json").write_text(
+            json.dumps({"model": {"name": "ViT-L-14", "pretrained": "openai"}})
+        )
+        (tmp_path / "protos").mkdir()
+        (tmp_path / "protos" / "prototypes.json").write_text(
+            json.dumps({"embeddings": str(tmp_path / "store"), "config": {"embeddings": {"normalize": True}}})
+        )
+        (d / "synthesize.json").write_text(json.dumps({"prototypes": str(tmp_path / "protos")}))
+    info = read_distilled_info(d)
+    assert info["fallback"] is True
+    assert info["text"]["space"] == ("clip:ViT-L-14/openai" if records else "unknown")
+    # what the synthesis stage is to write: the same space, from the prototypes it painted
+    write_pds_distilled_json(d, tmp_path / "protos", count=3, dim=768, image_format="png", image_size=224)
+    written = read_distilled_info(d)
+    assert "fallback" not in written and written["method"] == "pds" and written["text"]["vectors"] == "npy"
+    assert written["text"]["space"] == info["text"]["space"] and written["text"]["dim"] == 768
+
+
+def test_lors_protocol_with_bert_and_the_full_data_row(tmp_path):
+    kj, subset = _sets(tmp_path, "none")
+    code = _cli(
+        "--train",
+        str(subset),
+        "--eval-data",
+        str(kj),
+        "--output",
+        str(tmp_path / "l"),
+        "--protocol",
+        "lors",
+        "--set",
+        "evaluate.text_encoder=bert:rdistill-tiny",
+        "--set",
+        "evaluate.train_text=caption",
+        "--set",
+        "evaluate.full_data=true",
+        "--set",
+        "evaluate.random_subset=false",
+        "--set",
+        "evaluate.students=rdistill-tiny-vit",
+        "--set",
+        "evaluate.runs=1",
+        "--set",
+        "evaluate.epochs=1",
+    )
+    assert code == 0
+    doc = json.loads((tmp_path / "l" / "eval.json").read_text())
+    assert (
+        doc["protocol"] == "lors" and doc["image_features"] == "pooled" and doc["text_encoder"] == "bert:rdistill-tiny"
+    )
+    rows = {r["set"]: r for r in doc["results"]}
+    assert rows["full-data"]["pairs"] == 200 and rows["full-data"]["kind"] == "full-data"
+    assert not rows["set"]["text_unit"]  # BERT CLS features are used raw, as LoRS does
+    rec = json.loads(next((tmp_path / "l" / "runs").glob("set-*.json")).read_text())
+    assert rec["image_dim"] == 64  # tiny ViT's pooled features, with a 32 -> 64 text head
