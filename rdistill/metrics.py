@@ -90,6 +90,18 @@ class RateMeter:
 
 
 DELAY_ENV = "RDISTILL_TASK_DELAY"
+PHASE_ENV = "RDISTILL_PHASE_MARKS"
+
+
+def phase_mark(name: str) -> None:
+    """Testing hook: with ``RDISTILL_PHASE_MARKS=DIR`` in the driver's environment, an empty file named after each
+    phase of a long step (``kmeans.img.lloyd_3-10``) appears in DIR as the phase starts, so a test can act at a
+    known point (remove a node mid-k-means)."""
+    folder = os.environ.get(PHASE_ENV)
+    if folder:
+        from pathlib import Path
+
+        Path(folder, name.replace("/", "-").replace(" ", "_")).touch()
 
 
 def delay(step: str) -> None:

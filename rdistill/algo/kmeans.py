@@ -60,14 +60,24 @@ class KMeansStats:
     restarts: int = 0  # phases redone after shards were lost
 
 
+_GPU_RESOURCES: list = []
+
+
+def gpu_resources():
+    """This process's one ``faiss.StandardGpuResources`` (its scratch memory and streams), made on first use."""
+    if not _GPU_RESOURCES:
+        check_faiss_gpu()
+        _GPU_RESOURCES.append(faiss.StandardGpuResources())
+    return _GPU_RESOURCES[0]
+
+
 def flat_index(centroids: np.ndarray, gpu: bool, resources=None) -> faiss.Index:
     """A FAISS exact L2 index holding ``centroids`` (k, d) float32, on GPU 0 when ``gpu`` (``resources``: a
-    ``faiss.StandardGpuResources`` to reuse)."""
+    ``faiss.StandardGpuResources`` to use; default: the process's own)."""
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     if gpu:
-        check_faiss_gpu()
-        index = faiss.index_cpu_to_gpu(resources or faiss.StandardGpuResources(), 0, index)
+        index = faiss.index_cpu_to_gpu(resources or gpu_resources(), 0, index)
     return index
 
 
@@ -226,11 +236,13 @@ class KMeansShard:
         return self.x[idx[lo:hi] - self.offset]
 
     # Lloyd ----------------------------------------------------------------------------------------------------------
-    def assign(self, centroids: np.ndarray, sums: bool = True, xsq: bool = False) -> dict:
+    def assign(self, centroids: np.ndarray, sums: bool = True, xsq: bool = False, index=None) -> dict:
         """Label each row with its nearest centroid; counts (k,), SSE (1,), (``sums``) per-cluster sums (k, d) and
-        (``xsq``) per-cluster sums of squared norms (k,)."""
+        (``xsq``) per-cluster sums of squared norms (k,). ``index``: a FAISS index holding ``centroids`` (on GPU),
+        built once for all the shards of a call."""
         k = centroids.shape[0]
-        index = flat_index(centroids, True, self.resources) if self.gpu else None
+        if index is None and self.gpu:
+            index = flat_index(centroids, True, self.resources)
         self.labels, dist = nearest_centroid(self.x, centroids, index)
         out = {
             "counts": np.bincount(self.labels, minlength=k).astype(np.int64),
@@ -314,6 +326,8 @@ def run_on_shards(shards: list[KMeansShard], fp: FixedPoint, op: str, *args, **k
     """``op`` on each shard in order, float partials encoded with ``fp``, added: exact, so any grouping of the
     shards (one process, any number of actors) gives the same int64 totals."""
     total = None
+    if op == "assign" and shards and shards[0].gpu:  # one GPU copy of the centroids for all these shards
+        kwargs = {**kwargs, "index": flat_index(args[0], True, shards[0].resources)}
     for s in shards:
         part = getattr(s, op)(*args, **kwargs)
         total = add_partials(total, {k: fp.encode(v) if k in FIXED else v for k, v in part.items()})
@@ -340,7 +354,7 @@ class LocalShards:
     @classmethod
     def from_array(cls, x: np.ndarray, shard_rows: int, gpu: bool = False) -> LocalShards:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        res = faiss.StandardGpuResources() if gpu else None
+        res = gpu_resources() if gpu else None
         return cls([KMeansShard(x[s : s + shard_rows], s, gpu, res) for s in range(0, x.shape[0], shard_rows)], gpu)
 
     def call(self, op: str, *args, **kwargs) -> dict:

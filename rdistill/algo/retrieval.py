@@ -51,12 +51,9 @@ class NearestRows:
     def _add_gpu(self, block: np.ndarray, rows: np.ndarray) -> None:
         import faiss
 
-        from rdistill.algo.kmeans import check_faiss_gpu
+        from rdistill.algo.kmeans import gpu_resources
 
-        check_faiss_gpu()
-        if getattr(self, "_res", None) is None:
-            self._res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(self._res, 0, faiss.IndexFlatIP(block.shape[1]))
+        index = faiss.index_cpu_to_gpu(gpu_resources(), 0, faiss.IndexFlatIP(block.shape[1]))
         index.add(np.ascontiguousarray(block))
         score, idx = index.search(self.queries, 1)
         self._update(0, score[:, 0], rows[idx[:, 0]])

@@ -15,17 +15,11 @@ import socket
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 
-from rdistill.algo.kmeans import KMeansShard, LocalShards, check_faiss_gpu
+from rdistill.algo.kmeans import KMeansShard, LocalShards, check_faiss_gpu, gpu_resources
 from rdistill.errors import ConfigError
 from rdistill.metrics import delay
 
 log = logging.getLogger(__name__)
-
-
-def faiss_gpu_resources():
-    import faiss
-
-    return faiss.StandardGpuResources()
 
 
 class _CountedShards(LocalShards):
@@ -65,7 +59,7 @@ class LocalExecutor:
     def shard_set(self, step: str, specs: list, loader, gpu: bool = False) -> LocalShards:
         """The k-means sample's shards, loaded here by ``loader(spec) -> (x, offset)``, as a
         :class:`LocalShards`."""
-        res = faiss_gpu_resources() if gpu else None
+        res = gpu_resources() if gpu else None
         shards = [KMeansShard(*loader(spec), gpu, res) for spec in specs]
         return _CountedShards(shards, gpu, self.nodes.setdefault(step, Counter()))
 
@@ -120,9 +114,8 @@ class RayExecutor:
         self.ray = ray
         self.num_cpus, self.max_retries, self.gpu = num_cpus, max_retries, gpu
         res = ray.cluster_resources()
-        cpus = int(res.get("CPU", 1))
-        slots = int(res.get("GPU", 0)) if gpu else cpus
-        self.window = window or max(2, 2 * slots)
+        self.window = window or max(2, 2 * int(res.get("CPU", 1)))
+        self.gpu_window = window or max(2, 2 * int(res.get("GPU", 0)))  # searching passes with cluster.gpu
         self.nodes: dict[str, Counter] = {}
         self.kernels: dict[str, str | None] = {}
         self._task = ray.remote(_on_node)
@@ -153,6 +146,7 @@ class RayExecutor:
         refs = {k: ray.put(v) for k, v in shared.items()}
         # SPREAD: the parts of a pass go to every node, rather than to whichever node asked for work first
         gpus = 1 if search and self.gpu else 0
+        window = self.gpu_window if gpus else self.window
         task = self._task.options(num_cpus=self.num_cpus, num_gpus=gpus, max_retries=self.max_retries,
                                   name=f"rdistill.{step}", scheduling_strategy="SPREAD")  # fmt: skip
         nodes = self.nodes.setdefault(step, Counter())
@@ -160,7 +154,7 @@ class RayExecutor:
         items = iter(items)
         done = False
         while True:
-            while not done and len(pending) < self.window:
+            while not done and len(pending) < window:
                 item = next(items, None)
                 if item is None:
                     done = True

@@ -34,7 +34,7 @@ from rdistill.engine.state import Assigned, Captions, Clusters, Matched, Prototy
 from rdistill.errors import RunError
 from rdistill.io.outputs import atomic_write_bytes, fault_point
 from rdistill.io.store import EmbeddingStore
-from rdistill.metrics import progress
+from rdistill.metrics import phase_mark, progress
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,13 @@ def scan(ctx: Context, rng: np.random.Generator) -> Scanned:
     n = store.num_rows
     sample_target = min(cfg.cluster.max_sample, cfg.cluster.points_per_centroid * k)
     draw = math.ceil(sample_target / max(1.0 - cfg.prune.ratio, 0.01) * 1.1) + k
-    positions = np.sort(rng.choice(n, size=min(n, draw), replace=False)).astype(np.int64)
+    # Each row is drawn with probability draw / n, part by part: the driver's memory follows the part size, not N
+    # (one draw over all N rows would hold an arange(N)); the count is binomial, within a few sqrt(draw) of draw.
+    share = min(1.0, draw / max(n, 1))
     items = []
     for p in store.parts:
-        lo, hi = np.searchsorted(positions, [p.start, p.start + p.rows])
-        items.append((p, positions[lo:hi]))
+        take = p.rows if share >= 1.0 else int(rng.binomial(p.rows, share))
+        items.append((p, np.sort(rng.choice(p.rows, size=take, replace=False)).astype(np.int64) + p.start))
 
     def add(acc, item, r):
         invalid_per_part, sims, rows, owner = acc
@@ -200,7 +202,12 @@ def cluster(ctx: Context, scanned: Scanned, pruned: Pruned) -> Clusters:
         with progress(phases, f"k-means {modality}", cfg.progress, unit="phases") as bar:
             shards = ctx.ex.shard_set("cluster", specs, tasks.sample_shard, gpu=cc.gpu)
             try:
-                out[modality] = fit_sharded(shards, k, seed=seed, on_phase=lambda _: bar.update(1), **args)
+
+                def on_phase(name: str, modality: str = modality) -> None:
+                    bar.update(1)
+                    phase_mark(f"kmeans.{modality}.{name}")
+
+                out[modality] = fit_sharded(shards, k, seed=seed, on_phase=on_phase, **args)
             finally:
                 shards.close()
         stats = out[modality][1]

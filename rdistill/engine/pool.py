@@ -23,6 +23,7 @@ from rdistill.algo.kmeans import (
     ShardsLost,
     add_partials,
     decode,
+    gpu_resources,
     knn_search,
     run_on_shards,
 )
@@ -43,7 +44,7 @@ class ShardHolder:
         if threads > 0:
             faiss.omp_set_num_threads(threads)
         self.step, self.gpu = step, gpu
-        self.resources = faiss.StandardGpuResources() if gpu else None
+        self.resources = gpu_resources() if gpu else None
         self.shards: dict[int, KMeansShard] = {}
         self.fp: FixedPoint | None = None
 
@@ -82,13 +83,13 @@ class ShardHolder:
 
 
 def _lost_errors():
+    """What Ray raises for an actor gone with its node: dead, unavailable, or never placed (hard node affinity to a
+    node that died before the actor started: ``ActorUnschedulableError``)."""
     import ray.exceptions as rex
 
-    return tuple(
-        getattr(rex, name)
-        for name in ("RayActorError", "ActorDiedError", "ActorUnavailableError", "NodeDiedError", "OwnerDiedError")
-        if hasattr(rex, name)
-    )
+    names = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError", "NodeDiedError",
+             "OwnerDiedError")  # fmt: skip
+    return tuple(getattr(rex, name) for name in names if hasattr(rex, name))
 
 
 class RayShards:
@@ -179,7 +180,9 @@ class RayShards:
                     lost.append(a)
             if not lost:
                 return info
-            orphans = [j for a in lost for j in plan[a]]
+            # everything the lost actors held: this call's shards and any they had loaded before
+            orphans = sorted({j for a in lost for j in plan[a]} | {j for j, o in self.owner.items() if o in lost})
+            info = [row for row in info if row[0] not in orphans]
             self._drop(lost)
             plan = self._spread(orphans)
 
@@ -188,6 +191,10 @@ class RayShards:
             if a in self.actors:
                 self.actors.remove(a)
                 log.warning("k-means %s: the actor on node %s was lost", self.step, self.node_of.get(a))
+            try:  # an "unavailable" one may yet come back: it must not hold a CPU and stale shards till the job ends
+                self.ray.kill(a)
+            except Exception:  # already gone
+                pass
         if not self.actors:
             raise RunError(f"k-means {self.step}: every actor holding the sample was lost")
 
@@ -230,12 +237,17 @@ class RayShards:
     def call(self, op: str, *args, **kwargs) -> dict:
         total = None
         # the arguments (centroids, directions: O(M d)) go to the object store once, not once per actor
-        for part in self._run("call", op, self.ray.put((args, kwargs))).values():
+        results = self._run("call", op, self.ray.put((args, kwargs)))
+        for part in results.values():
             total = add_partials(total, part)
+        if op in ("assign", "apply") and int(total["counts"].sum()) != self.rows:  # every row counted exactly once
+            raise RunError(f"k-means {self.step}: {op} counted {int(total['counts'].sum())} of {self.rows} rows")
         return decode(total or {}, self.fp)
 
     def gather(self, idx: np.ndarray) -> np.ndarray:
         pieces = [p for r in self._run("gather", idx).values() for p in r]
+        if sorted(j for j, _ in pieces) != list(range(self.num_shards)):
+            raise RunError(f"k-means {self.step}: shards {sorted(j for j, _ in pieces)} answered, not all")
         return np.concatenate([x for _, x in sorted(pieces, key=lambda p: p[0])])
 
     def knn(self, queries: np.ndarray, base: np.ndarray, k: int):

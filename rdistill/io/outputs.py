@@ -220,8 +220,9 @@ RECORD_FORMAT = 2  # run records before it (rdistill <= 0.1.0 at 176d2b7) held n
 
 
 def has_finished_work(out: Path) -> bool:
-    """Whether ``out`` holds finished work worth protecting: its ``_SUCCESS`` or any done-marker."""
-    return (out / SUCCESS).exists() or any((out / DONE).glob("*.json"))
+    """Whether ``out`` holds finished work worth protecting: its ``_SUCCESS``, any done-marker, or a finished pass
+    of the prototype engine (``_work/*.pkl``: hours of k-means at scale, not to be wiped by a typo)."""
+    return (out / SUCCESS).exists() or any((out / DONE).glob("*.json")) or any((out / "_work").glob("*.pkl"))
 
 
 def claim_output(out: Path, run_file: str, record: dict, keys: tuple[str, ...], overwrite: bool,

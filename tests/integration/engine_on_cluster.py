@@ -39,8 +39,8 @@ def main(store: str, out: str) -> None:
     def remove_when_assigning():
         while not any((out / "lost" / "_work").glob("labels_*.npy")):
             time.sleep(0.05)
-        cluster.remove_node(workers[1])
         results["removed_at_labels"] = len(list((out / "lost" / "_work").glob("labels_*.npy")))
+        cluster.remove_node(workers[1])
 
     remover = threading.Thread(target=remove_when_assigning, daemon=True)
     remover.start()
@@ -51,17 +51,13 @@ def main(store: str, out: str) -> None:
     cluster.wait_for_nodes()
     results["worker_ids"].append(workers[2].node_id)
 
-    def remove_during_kmeans():
-        from rdistill.engine.pool import ACTOR_PREFIX
+    marks = out / "phases"
+    marks.mkdir(parents=True)
+    os.environ["RDISTILL_PHASE_MARKS"] = str(marks)  # the driver marks each k-means phase as it starts
 
-        while True:  # until the k-means actors exist and answer on both worker nodes
-            named = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(ACTOR_PREFIX)]
-            if len(named) == 2:
-                nodes = ray.get([ray.get_actor(a["name"], a["namespace"]).node.remote() for a in named])
-                if {n for n, _ in nodes} == {workers[0].node_id, workers[2].node_id}:
-                    break
-            time.sleep(0.05)
-        time.sleep(0.5)  # into the image k-means (each actor call takes 0.03 s more)
+    def remove_during_kmeans():
+        while not (marks / "kmeans.img.lloyd_3-10").exists():  # the image fit has both actors and is under way
+            time.sleep(0.02)
         results["kmeans_lost_at"] = sorted(p.name for p in (out / "kmeans_lost" / "_work").glob("*.pkl"))
         cluster.remove_node(workers[2])
 
