@@ -203,6 +203,9 @@ def test_driver_killed_after_kmeans_resumes_from_there(planted_store, tmp_path):
     assert killed.returncode == -signal.SIGKILL
     assert sorted(p.name for p in (out / "_work").glob("*.pkl")) == ["cluster.pkl", "prune.pkl", "scan.pkl"]
     assert not (out / "_SUCCESS").exists()
+    # the finished passes are work to protect: another config is refused, not silently recomputed over them
+    with pytest.raises(RunError, match="prune.ratio: 0.2 -> 0.3"):
+        run_prototypes(str(root), out, cfg(**{"cluster.num_pairs": 20, "prune.ratio": 0.3}))
     again = run_prototypes(str(root), out, cfg(**{"cluster.num_pairs": 20}))
     assert again["resumed_steps"] == ["scan", "prune", "cluster"]
     assert all(again["steps"][s]["seconds"] > 0 for s in ("assign", "prototypes", "captions"))
