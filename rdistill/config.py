@@ -218,6 +218,13 @@ class EvaluateConfig:
         doc="text side of a training set: its "
         "distilled .npy vectors (auto when present) or its captions through the text encoder",
     )
+    text_norm: str = _f(
+        "auto",
+        choices=("auto", "unit", "raw"),
+        doc="features of the captions the head sees (a caption-based set's and the eval "
+        "captions'): unit (L2-normalised) or raw encoder outputs (the authors'; the head is not scale-invariant, so "
+        "results differ); auto: pds unit, lors raw. A set's .npy vectors are used as stored",
+    )
     caption_preprocess: str = _f(
         "blip",
         choices=("blip", "none"),

@@ -10,11 +10,16 @@ skipped as in the prototype engine) selects the rows (:mod:`rdistill.baselines.s
 * ``random``: a uniform sample of M (the M least row priorities, a seeded hash of the row id);
 * ``herding`` / ``kcenter``: from a uniform candidate pool of ``coreset.pool`` rows (the same priorities), on the
   pair features ``[img, txt] / sqrt(2)``; herding's target is the mean pair feature over the *whole* store.
-  Memory: the pool's features, ``pool x 2d x 4`` bytes (about 600 MB for 100k ViT-L/14 pairs), plus two blocks;
-  time ``O(M x pool x 2d)``;
+  Memory: the pool's features, ``pool x 2d x 4`` bytes (about 600 MB for 100k ViT-L/14 pairs; herding and
+  k-center run on them in float32 in place, with ``O(pool)`` more), besides the blocks in flight (below); time
+  ``O(M x pool x 2d)``;
 * ``clip-score``: the M pairs of highest image-text cosine (CLIP score filtering at size M);
 * ``text-prototype`` / ``image-prototype`` (PDS table 5): for each prototype of ``--prototypes`` the real pair
   whose caption (image) embedding is nearest to its text (image) prototype; a row may be retrieved twice.
+
+The pass holds besides up to four blocks of image and text rows (the store's read-ahead, normalised in place),
+``8 x block_rows x d x 4`` bytes (1.6 GB at the default 65536 rows and d = 768; two more blocks' worth while a
+block with invalid rows is compacted): lower ``embeddings.block_rows`` to shrink it.
 
 The selected pairs' images and captions are copied from the source shards the store's metadata points to
 (``shard``, ``key``, ``index``, as the embedding stage writes them; the sample is found by its key in its shard,
@@ -60,24 +65,54 @@ RUN_FILE = "coreset.json"
 PROTOTYPE_METHODS = ("text-prototype", "image-prototype")
 
 
-def _normalize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _normalize(x: np.ndarray, inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, d) float32`` rows -> unit rows (in ``x`` itself with ``inplace``) and which were valid ``(n,) bool``
+    (finite, non-zero; the others are left as they are)."""
     norms = np.linalg.norm(x, axis=1)
     ok = np.isfinite(norms) & (norms > 0)
-    return x / np.where(ok, norms, 1.0)[:, None], ok
+    scale = np.where(ok, norms, 1.0)[:, None].astype(x.dtype)
+    if inplace:
+        return np.divide(x, scale, out=x), ok
+    return x / scale, ok
 
 
 def _prototypes(path: str | Path, column: str) -> np.ndarray:
+    """The ``column`` (``text_embedding`` or ``image_embedding``) of a ``prototypes.parquet``, L2-normalised,
+    ``(M, d) float32``; a missing file or column, or values that are not vectors of one length, are refused."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     table_path = Path(path) / "prototypes.parquet" if Path(path).is_dir() else Path(path)
     if not table_path.exists():
         raise RunError(f"{table_path}: prototypes not found (run python -m rdistill.prototypes first)")
-    table = pq.read_table(table_path, columns=[column])
-    protos = np.stack(table.column(column).to_numpy(zero_copy_only=False)).astype(np.float32)
+    try:
+        names = pq.ParquetFile(table_path).schema_arrow.names
+        if column not in names:
+            raise RunError(f"{table_path}: no column {column!r} (columns: {', '.join(names) or 'none'})")
+        col = pq.read_table(table_path, columns=[column]).column(column).combine_chunks()
+    except RunError:
+        raise
+    except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        raise RunError(f"{table_path}: not a readable parquet file ({' '.join(str(e).split())})") from None
+    try:
+        if pa.types.is_fixed_size_list(col.type) and col.null_count == 0:  # as the prototype engine writes it
+            protos = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+        else:
+            protos = np.stack(col.to_numpy(zero_copy_only=False))
+        protos = protos.astype(np.float32)
+    except (TypeError, ValueError, pa.ArrowException):
+        protos = None
+    if protos is None or protos.ndim != 2 or protos.size == 0:
+        raise RunError(f"{table_path}: column {column!r} does not hold one list of numbers of one length per row")
     unit, ok = _normalize(protos)
     if not ok.all():
         raise RunError(f"{table_path}: {int((~ok).sum())} prototypes with a zero or non-finite {column}")
     return unit
+
+
+def _take(idx: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
+    # ``idx`` sorted and distinct (BottomK's entering rows): all of them is the arrays themselves, no copy
+    return [a if len(idx) == len(a) else a[idx] for a in arrays]
 
 
 def select_rows(store, cfg: Config, method: str, m: int, prototypes: str | None = None) -> dict:
@@ -98,19 +133,24 @@ def select_rows(store, cfg: Config, method: str, m: int, prototypes: str | None 
             raise RunError(f"{prototypes}: prototypes are {protos.shape[1]}-d but the store is {store.dim}-d")
         nearest = NearestRows(protos)
     for block in store.iter_blocks(cfg.embeddings.block_rows):
-        img, ok_i = _normalize(block.img)
-        txt, ok_t = _normalize(block.txt)
+        # the block's arrays are its own (read as float32 copies): normalised in place, copied only to drop rows
+        img, ok_i = _normalize(block.img, inplace=True)
+        txt, ok_t = _normalize(block.txt, inplace=True)
         ok = ok_i & ok_t
         n_valid += int(ok.sum())
         n_invalid += int((~ok).sum())
-        rows = block.rows[ok]
-        img, txt = img[ok], txt[ok]
+        rows = block.rows
+        if not ok.all():
+            rows, img, txt = rows[ok], img[ok], txt[ok]
         if method == "random":
             keep.add(row_priority(rows, seed), rows)
         elif method in ("herding", "kcenter"):
-            feats = pair_features(img, txt)
-            keep.add(row_priority(rows, seed), rows, feats)
-            s = feats.astype(np.float64).sum(axis=0)
+            # pair features are built for the rows that enter the pool only, and for the target mean in slices
+            keep.add(row_priority(rows, seed), rows, lambda idx, i=img, t=txt: pair_features(*_take(idx, i, t)))
+            s = sum(
+                pair_features(img[a : a + 4096], txt[a : a + 4096]).sum(axis=0, dtype=np.float64)
+                for a in range(0, len(rows), 4096)
+            )
             total = s if total is None else total + s
         elif method == "clip-score":
             keep.add(-np.einsum("ij,ij->i", img, txt).astype(np.float64), rows)
@@ -162,36 +202,55 @@ def _metadata(store, rows: np.ndarray) -> list[dict]:
     return out
 
 
-def _fetch_images(meta: list[dict], image_keys: tuple[str, ...]) -> list[tuple[bytes, str]]:
-    """The image member of each selected sample from its source shard, found by key (else by position)."""
+def _read_members(url: str, wanted, image_keys: tuple[str, ...]) -> tuple[dict, list[str], set[str]]:
+    """Stream one source shard -> the members of the samples whose key ``wanted(key)`` accepts (``{key: {ext:
+    bytes}}``), the shard's keys in order of first appearance, and the keys that have an image member. Only the
+    wanted samples' bytes are held, whatever the shard's size."""
     from rdistill.io.karpathy import EvalDataError
     from rdistill.io.shards import _KEY_EXT, ShardReadError, ShardStats, iter_members
 
+    groups: dict[str, dict] = {}
+    order: dict[str, None] = {}  # an ordered set
+    has_image: set[str] = set()
+    try:
+        for name, data in iter_members(url, ShardStats()):
+            mk = _KEY_EXT.match(name)
+            if mk is None:
+                continue
+            k, ext = mk.group(1), mk.group(2).lower()
+            order.setdefault(k, None)
+            if ext in image_keys:
+                has_image.add(k)
+            if wanted(k):
+                groups.setdefault(k, {})[ext] = data
+    except (ShardReadError, EvalDataError) as e:
+        raise RunError(str(e)) from None
+    return groups, list(order), has_image
+
+
+def _fetch_images(meta: list[dict], image_keys: tuple[str, ...]) -> list[tuple[bytes, str]]:
+    """The image member of each selected sample from its source shard, found by key (else by its ``index``, the
+    position among the shard's samples with an image). Only the selected samples' members are held in memory; a
+    shard where some are found by position only is read a second time for those."""
     by_shard: dict[str, list[int]] = {}
     for i, m in enumerate(meta):
         by_shard.setdefault(str(m["shard"]), []).append(i)
     out: list = [None] * len(meta)
     for url, idx in by_shard.items():
-        groups: dict[str, dict] = {}
-        order: list[str] = []
-        try:
-            for name, data in iter_members(url, ShardStats()):
-                mk = _KEY_EXT.match(name)
-                if mk is None:
-                    continue
-                k, ext = mk.group(1), mk.group(2).lower()
-                if k not in groups:
-                    groups[k] = {}
-                    order.append(k)
-                groups[k][ext] = data
-        except (ShardReadError, EvalDataError) as e:
-            raise RunError(str(e)) from None
-        with_image = [k for k in order if any(e in groups[k] for e in image_keys)]
+        groups, order, has_image = _read_members(url, {meta[i]["key"] for i in idx}.__contains__, image_keys)
+        key_of = {i: meta[i]["key"] for i in idx}
+        with_image = None
         for i in idx:
-            key = meta[i]["key"]
-            if key not in groups and meta[i].get("index") is not None and 0 <= int(meta[i]["index"]) < len(with_image):
-                key = with_image[int(meta[i]["index"])]
-            members = groups.get(key)
+            pos = meta[i].get("index")
+            if key_of[i] not in groups and pos is not None:  # a writer that renamed the keys
+                with_image = [k for k in order if k in has_image] if with_image is None else with_image
+                if 0 <= int(pos) < len(with_image):
+                    key_of[i] = with_image[int(pos)]
+        by_position = {k for k in key_of.values() if k not in groups}
+        if by_position:
+            groups.update(_read_members(url, by_position.__contains__, image_keys)[0])
+        for i in idx:
+            members = groups.get(key_of[i])
             ext = next((e for e in image_keys if members and e in members), None)
             if ext is None:
                 raise RunError(f"{url}: sample {meta[i]['key']} (row of the store's metadata) not found with an image")
@@ -269,7 +328,7 @@ def _run_coreset(embeddings, out: Path, cfg: Config, prototypes, overwrite, allo
                     "score": float(sc),
                     "source_shard": str(mm["shard"]),
                     "source_key": mm["key"],
-                    "source_index": int(mm.get("index") or -1),
+                    "source_index": -1 if mm.get("index") is None else int(mm["index"]),
                 },
             }
             for i, (r, sc, mm, (img, ext)) in enumerate(zip(rows, score, meta, images))

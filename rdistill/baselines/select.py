@@ -39,52 +39,111 @@ def row_priority(rows: np.ndarray, seed: int) -> np.ndarray:
 
 
 def pair_features(img_n: np.ndarray, txt_n: np.ndarray) -> np.ndarray:
-    """``(n, d)`` unit image and text rows -> ``(n, 2d) float32`` unit pair features ``[img, txt] / sqrt(2)``."""
-    return (np.concatenate([img_n, txt_n], axis=1) / np.sqrt(2.0)).astype(np.float32)
+    """``(n, d)`` unit image and text rows -> ``(n, 2d) float32`` unit pair features ``[img, txt] / sqrt(2)``
+    (one allocation)."""
+    n, d = img_n.shape
+    out = np.empty((n, d + txt_n.shape[1]), np.float32)
+    out[:, :d], out[:, d:] = img_n, txt_n
+    return np.divide(out, np.sqrt(2.0), out=out)
+
+
+def _permute_rows(a: np.ndarray, order: np.ndarray) -> None:
+    """``a[:] = a[order]`` in place, one row of scratch memory (``order`` a permutation of ``len(a)``)."""
+    seen = np.zeros(len(order), bool)
+    for start in np.flatnonzero(order != np.arange(len(order))):
+        if seen[start]:
+            continue
+        tmp, i = a[start].copy(), int(start)
+        while True:  # follow the cycle through start
+            seen[i] = True
+            j = int(order[i])
+            if j == start:
+                a[i] = tmp
+                break
+            a[i] = a[j]
+            i = j
 
 
 class BottomK:
-    """The ``k`` items of least key seen over a stream of blocks, with a payload per item (ties: lower row id).
-    Memory: ``2k`` payload rows at most."""
+    """The ``k`` items of least key seen over a stream of blocks, with a payload per item (ties: lower row id;
+    row ids are unique). Memory: a buffer of ``k`` payload rows, filled in place, plus the payload of the block
+    rows that enter: once ``k`` items are held, a block's rows at or above the current k-th (key, row) are dropped
+    before any merging, and the payload is taken (or built) for the entering rows only, so late blocks cost
+    ``O(k)`` key work and almost no payload copying."""
 
     def __init__(self, k: int):
         self.k = k
         self.keys = np.zeros(0, np.float64)
         self.rows = np.zeros(0, np.int64)
-        self.payload: np.ndarray | None = None
+        self._buf: np.ndarray | None = None  # slot i holds the payload of (keys[i], rows[i])
 
-    def add(self, keys: np.ndarray, rows: np.ndarray, payload: np.ndarray | None = None) -> None:
-        keys = np.concatenate([self.keys, np.asarray(keys, np.float64)])
-        rows = np.concatenate([self.rows, np.asarray(rows, np.int64)])
-        if payload is not None:
-            payload = payload if self.payload is None else np.concatenate([self.payload, payload])
-        if len(keys) > self.k:
-            keep = np.lexsort((rows, keys))[: self.k]
-            keys, rows = keys[keep], rows[keep]
-            payload = None if payload is None else payload[keep]
-        self.keys, self.rows, self.payload = keys, rows, payload
+    @property
+    def payload(self) -> np.ndarray | None:
+        return None if self._buf is None else self._buf[: len(self.keys)]
+
+    def add(self, keys: np.ndarray, rows: np.ndarray, payload=None) -> None:
+        """Offer a block: ``keys (b,)``, ``rows (b,) int64`` and ``payload``, a ``(b, ...)`` array or a callable
+        ``(idx (s,) int64) -> (s, ...)`` building the payload of the block items ``idx`` only: those that enter."""
+        keys = np.asarray(keys, np.float64)
+        rows = np.asarray(rows, np.int64)
+        idx = np.arange(len(keys))
+        n = len(self.keys)
+        if n == self.k and len(keys):
+            # the current k-th item: the greatest key, and of those the greatest row
+            worst_key = self.keys.max()
+            worst_row = self.rows[self.keys == worst_key].max()
+            idx = np.flatnonzero((keys < worst_key) | ((keys == worst_key) & (rows < worst_row)))
+        if len(idx) == 0:
+            return
+        keys, rows = keys[idx], rows[idx]
+        all_keys, all_rows = np.concatenate([self.keys, keys]), np.concatenate([self.rows, rows])
+        if len(all_keys) <= self.k:
+            slots, enter = np.arange(n, len(all_keys)), idx
+            self.keys, self.rows = all_keys, all_rows
+        else:
+            keep = np.lexsort((all_rows, all_keys))[: self.k]
+            stay, new = np.sort(keep[keep < n]), np.sort(keep[keep >= n] - n)
+            # the entering items take the slots of those that leave, then the free ones
+            gone = np.setdiff1d(np.arange(n), stay, assume_unique=True)
+            slots = np.concatenate([gone, np.arange(n, self.k)])[: len(new)]
+            self.keys = np.concatenate([self.keys, np.zeros(self.k - n)])
+            self.rows = np.concatenate([self.rows, np.zeros(self.k - n, np.int64)])
+            self.keys[slots], self.rows[slots] = keys[new], rows[new]
+            enter = idx[new]
+        if payload is None:
+            return
+        block = payload(enter) if callable(payload) else np.asarray(payload)[enter]
+        if self._buf is None:
+            self._buf = np.empty((self.k, *block.shape[1:]), block.dtype)
+        self._buf[slots] = block
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(keys, rows, payload) sorted by key, then row."""
+        """(keys, rows, payload) sorted by key, then row. The payload is the buffer itself, sorted in place (no
+        second copy of it): call once, at the end."""
         order = np.lexsort((self.rows, self.keys))
-        return self.keys[order], self.rows[order], None if self.payload is None else self.payload[order]
+        self.keys, self.rows = self.keys[order], self.rows[order]
+        payload = self.payload
+        if payload is not None:
+            _permute_rows(payload, order)
+        return self.keys, self.rows, payload
 
 
 def herding(feats: np.ndarray, m: int, target: np.ndarray | None = None) -> np.ndarray:
     """Greedy herding on ``feats (n, d) float32``: ``m`` distinct indices, in selection order, each minimising
-    ``|| mean(selected + [i]) - target ||``; ``target (d,)`` defaults to the mean of ``feats``. Cost ``O(m n d)``,
-    memory ``O(n)`` besides ``feats``."""
-    x = np.asarray(feats, dtype=np.float64)
+    ``|| mean(selected + [i]) - target ||``; ``target (d,)`` defaults to the mean of ``feats``. Cost ``O(m n d)``;
+    the scores are computed in float32 on ``feats`` itself (no copy of it), the running sums in float64; memory
+    ``O(n)`` besides ``feats``."""
+    x = np.asarray(feats, dtype=np.float32)
     n = len(x)
     m = min(m, n)
-    mu = x.mean(axis=0) if target is None else np.asarray(target, np.float64)
+    mu = x.mean(axis=0, dtype=np.float64) if target is None else np.asarray(target, np.float64)
     sq = np.einsum("ij,ij->i", x, x)
     total = np.zeros(x.shape[1])
     taken = np.zeros(n, bool)
     out = np.empty(m, np.int64)
     for t in range(m):
         # || total + x_i - (t + 1) mu ||^2 = |x_i|^2 + 2 x_i . (total - (t + 1) mu) + const
-        score = sq + 2.0 * (x @ (total - (t + 1) * mu))
+        score = sq + 2.0 * (x @ (total - (t + 1) * mu).astype(np.float32))
         score[taken] = np.inf
         i = int(np.argmin(score))
         out[t], taken[i] = i, True
@@ -94,8 +153,9 @@ def herding(feats: np.ndarray, m: int, target: np.ndarray | None = None) -> np.n
 
 def kcenter(feats: np.ndarray, m: int, seed: int = 0) -> np.ndarray:
     """Greedy k-center on ``feats (n, d) float32`` (Euclidean): ``m`` distinct indices in selection order, the
-    first a seeded random one, each next the farthest from those selected. Cost ``O(m n d)``, memory ``O(n)``."""
-    x = np.asarray(feats, dtype=np.float64)
+    first a seeded random one, each next the farthest from those selected. Cost ``O(m n d)``; distances in float32
+    on ``feats`` itself (no copy of it), memory ``O(n)``."""
+    x = np.asarray(feats, dtype=np.float32)
     n = len(x)
     m = min(m, n)
     sq = np.einsum("ij,ij->i", x, x)
@@ -107,6 +167,6 @@ def kcenter(feats: np.ndarray, m: int, seed: int = 0) -> np.ndarray:
     for t in range(1, m):
         i = int(np.argmax(dist))
         out[t] = i
-        dist = np.minimum(dist, np.maximum(sq + sq[i] - 2.0 * (x @ x[i]), 0.0))
+        np.minimum(dist, np.maximum(sq + sq[i] - 2.0 * (x @ x[i]), 0.0), out=dist)
         dist[out[: t + 1]] = -1.0
     return out

@@ -14,6 +14,13 @@ compute) is measured on ``--text-sample`` captions and extrapolated to the 10k v
 ``ray-parallel``: the same kind of cell for one student (``--eval-size`` val and test images), two runs (seeds)
 through Ray Train on a local 2-CPU instance, 1 CPU per worker: both trainers submitted at once, then one after the
 other; prints both wall times and their ratio.
+
+``coreset-pool``: the coresets' candidate pool (:class:`rdistill.baselines.select.BottomK`) of ``--pool`` rows of
+``--dim`` float32 fed ``--blocks`` blocks of ``--block-rows`` rows, the payload built for the entering rows only as
+the coreset pass does; then herding and k-center picking ``--m`` on it. Prints wall and CPU seconds, the peak RSS
+above the input block and the memory herding and k-center allocate (tracemalloc).
+
+    python -m rdistill.eval.bench coreset-pool [--pool 100000] [--dim 1536] [--block-rows 65536] [--blocks 30]
 """
 
 from __future__ import annotations
@@ -178,6 +185,36 @@ def ray_parallel(args) -> dict:
     }
 
 
+def coreset_pool(args) -> dict:
+    import resource
+    import tracemalloc
+
+    from rdistill.baselines.select import BottomK, herding, kcenter, row_priority
+
+    block = np.ones((args.block_rows, args.dim), np.float32)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    pool = BottomK(args.pool)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for b in range(args.blocks):
+        rows = np.arange(b * args.block_rows, (b + 1) * args.block_rows)
+        pool.add(row_priority(rows, 0), rows, lambda idx: block[idx])
+    _, _, feats = pool.result()
+    out = {
+        "stream_wall_s": round(time.perf_counter() - t0, 2),
+        "stream_cpu_s": round(time.process_time() - c0, 2),
+        "pool_mb": round(feats.nbytes / 2**20),
+        "peak_rss_above_block_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024),
+    }
+    for name, fn in (("herding", lambda: herding(feats, args.m)), ("kcenter", lambda: kcenter(feats, args.m))):
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        fn()
+        out[f"{name}_wall_s"] = round(time.perf_counter() - t0, 2)
+        out[f"{name}_alloc_mb"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
+        tracemalloc.stop()
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rdistill.eval.bench")
     sub = p.add_subparsers(dest="bench", required=True)
@@ -192,10 +229,17 @@ def main(argv=None) -> int:
     b.add_argument("--epochs", type=int, default=2)
     b.add_argument("--eval-size", type=int, default=1000, help="images in each of the val and test splits")
     b.add_argument("--scratch", default="/tmp/rdistill-eval-bench")
+    c = sub.add_parser("coreset-pool")
+    c.add_argument("--pool", type=int, default=100_000)
+    c.add_argument("--dim", type=int, default=1536, help="pair-feature width, 2d (1536 for ViT-L/14)")
+    c.add_argument("--block-rows", type=int, default=65536)
+    c.add_argument("--blocks", type=int, default=30)
+    c.add_argument("--m", type=int, default=5)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = flickr_sized(args) if args.bench == "flickr-sized" else ray_parallel(args)
+    benches = {"flickr-sized": flickr_sized, "ray-parallel": ray_parallel, "coreset-pool": coreset_pool}
+    result = benches[args.bench](args)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -14,13 +14,19 @@ split, as the reference code does, which the outputs say wherever they show it).
     DIR/eval.json      results: one entry per (set, student, protocol): set, student, protocol, select, runs,
                        test / test_std (IR@1/5/10, TR@1/5/10, r_mean, percent), epochs, curve; and the settings
     DIR/eval.html      the table side by side and the recall-vs-pass curves
-    DIR/runs/*.json    one record per run (a rerun skips finished runs); DIR/cache/ eval images and text features,
-                       decoded and encoded once per image size and text encoder; DIR/evaluate.json the run record
+    DIR/runs/*.json    one record per run, with its val and test curves: a rerun reuses the finished runs, also
+                       with another --select, more runs or other sets (NOT_CLAIMED); DIR/cache/ eval images and text
+                       features, decoded and encoded once per image size and text encoder; DIR/evaluate.json the
+                       run record
 
 Text features of the eval captions are computed once per encoder (frozen, as both protocols keep it). Under the
-PDS protocol every text feature the head sees is an L2-normalised CLIP embedding (a PDS set's ``.npy`` vectors are
-means of unit vectors, used as they are); the authors feed raw CLIP features and raw means, which differ from ours
-by each feature's norm only. Under the LoRS protocol BERT CLS features are used raw, as LoRS does.
+PDS protocol every text feature the head sees is by default an L2-normalised CLIP embedding (a PDS set's ``.npy``
+vectors are means of unit vectors, used as they are); the authors feed raw CLIP features and means of raw features.
+The directions are the same, but the head (Linear with bias, GELU, ...) is not scale-invariant, so its outputs, the
+training and the recalls differ, and numbers may differ from the published ones because of it.
+``evaluate.text_norm=raw`` feeds raw caption features (and raw eval-caption features with them) to caption-based
+sets, as the authors do; a set's ``.npy`` vectors are used as the set stores them. Under the LoRS protocol BERT CLS
+features are used raw, as LoRS does.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from rdistill.io.outputs import (
     atomic_write_text,
     claim_output,
     clear_output,
+    describe_changes,
     lock_output,
 )
 from rdistill.models.students import PROTOCOLS, StudentSpec, TextEncoder, blip_caption, parse_text_encoder
@@ -158,7 +165,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _text_side(ts: TrainSet, cache: FeatureCache, cfg: Config, protocol: Protocol) -> tuple[np.ndarray, bool, str]:
-    """The set's training text features, whether the run works on unit features, and which side was used."""
+    """The set's training text features, whether the run works on unit features (the eval captions' features are
+    then normalised too), and which side was used (``npy`` or ``caption``)."""
     mode = cfg.evaluate.train_text
     text = ts.info.get("text") or {}
     if ts.vectors is not None and mode in ("auto", "npy"):
@@ -187,7 +195,10 @@ def _text_side(ts: TrainSet, cache: FeatureCache, cfg: Config, protocol: Protoco
     if any(not c for c in ts.captions):
         raise RunError(f"{ts.path}: some samples have no caption (txt member) to encode")
     feats = cache.text(ts.captions)
-    return (_unit(feats) if protocol.text_unit else feats), protocol.text_unit, "caption"
+    norm = cfg.evaluate.text_norm
+    # unit features are not the authors' raw ones for the head, which is not scale-invariant (module docstring)
+    unit = protocol.text_unit if norm == "auto" else norm == "unit"
+    return (_unit(feats) if unit else feats), unit, "caption"
 
 
 def _settings(cfg: Config, protocol: Protocol, ts: TrainSet) -> TrainSettings:
@@ -225,6 +236,13 @@ def run_seed(seed: int, student: str, run: int) -> int:
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in text).strip("-")[:60]
+
+
+def _set_id(name: str, path: str, kind: str) -> str:
+    """The part of a run id naming its set: stable when the set list changes (a distilled set's display name may
+    become ``PARENT/NAME`` when another set of the same name is added) and whatever path spelling names the set."""
+    where = str(Path(path).resolve()) if kind == "distilled" else path
+    return f"{_slug(Path(name).name)}-{_digest(where, kind)[:6]}"
 
 
 def _set_names(paths: list[str]) -> list[str]:
@@ -314,6 +332,86 @@ def _eval_source(eval_data: str, eval_images: str | None, out: Path, cfg: Config
     return load_eval_data(eval_data, eval_images)
 
 
+# Settings a rerun may change and still resume from the finished runs: epoch selection reads the runs' curves
+# (each run's record holds its val and test numbers), more runs or sets only add runs and fewer leave some unused,
+# and the random-subset and full-data rows are sets like the others. What a run computes (its set, student,
+# settings and seed) is checked run by run against its record (runner.load_done); the rest of the config is claimed.
+NOT_CLAIMED = ("select", "runs", "random_subset", "full_data")
+
+
+def _claimed_config(cfg: Config) -> dict:
+    ev = {k: v for k, v in _result_fields(cfg.evaluate).items() if k not in NOT_CLAIMED}
+    return {"seed": cfg.seed, "evaluate": ev}
+
+
+def _read_record(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _claim(out: Path, train: list[str], eval_data: str, data: EvalData, cfg: Config, overwrite: bool) -> None:
+    """Make ``out`` the output of this evaluation and write its run record. The eval data and the claimed config
+    must agree with the previous record's (:func:`claim_output`'s rule); sets may be added or left out, but a set
+    evaluated before must have the same content (its shards, manifest and ``distilled.json``), else the evaluation
+    is refused naming what changed, unless ``overwrite``."""
+    path = out / RUN_FILE
+    previous = _read_record(path)
+    if previous is not None and "sets" not in previous and "sets" in (previous.get("input") or {}):
+        # a record of the first harness (fcedb1e): its sets were claimed with the eval data and every setting,
+        # and it had no text_norm (it fed text features as ``auto`` does)
+        previous["sets"] = previous["input"].pop("sets")
+        claimed = (previous.get("config") or {}).get("evaluate")
+        if isinstance(claimed, dict):
+            for k in NOT_CLAIMED:
+                claimed.pop(k, None)
+            claimed.setdefault("text_norm", "auto")
+        atomic_write_json(path, previous)
+    sets = {str(Path(p).resolve()): _fingerprint_set(p) for p in train}
+    record = {
+        "train": list(sets),
+        "eval_data": str(eval_data),
+        "input": {"eval": _fingerprint_eval(data)},
+        "config": _claimed_config(cfg),
+        "unclaimed": {k: getattr(cfg.evaluate, k) for k in NOT_CLAIMED},
+    }
+    cleared = []
+
+    def clear(o: Path) -> None:
+        _clear(o)
+        cleared.append(o)
+
+    holds = "an evaluation on other eval data or settings"
+    claim_output(out, RUN_FILE, record, ("input", "config"), overwrite, clear, holds)
+    known = {} if cleared or previous is None else dict(previous.get("sets") or {})
+    stale = [p for p in sets if p in known and known[p] != sets[p]]
+    if stale:
+        changed = describe_changes(
+            {"set": {p: known[p] for p in stale}}, {"set": {p: sets[p] for p in stale}}, ("set",)
+        )
+        runs = [f for p in stale for f in (out / "runs").glob(f"{_set_id(Path(p).name, p, 'distilled')}__*.json")]
+        if runs and not overwrite:
+            raise RunError(
+                f"{out} holds runs on sets that changed since: {changed}; pass --overwrite to redo those sets' "
+                "runs, or choose another --output"
+            )
+        log.warning("%s: redoing the runs of %d changed sets, since %s", out, len(stale), changed)
+        for f in runs:
+            f.unlink()
+    # every set evaluated into ``out`` so far, so that leaving one out and adding it back later is checked too
+    record["sets"] = {**known, **sets}
+    (out / SUCCESS).unlink(missing_ok=True)
+    atomic_write_json(path, record)
+    atomic_write_text(
+        out / "config.yaml",
+        yaml.safe_dump({"seed": cfg.seed, "evaluate": _result_fields(cfg.evaluate)}, sort_keys=False),
+    )
+
+
 def _run_evaluate(train, eval_data, out: Path, cfg: Config, eval_images, overwrite) -> dict:
     t_start = time.perf_counter()
     ev = cfg.evaluate
@@ -327,23 +425,7 @@ def _run_evaluate(train, eval_data, out: Path, cfg: Config, eval_images, overwri
         if (ev.select == "val")
         else data.splits.get("val")
     )
-    record = {
-        "train": [str(Path(p).resolve()) for p in train],
-        "eval_data": str(eval_data),
-        "input": {
-            "sets": {str(Path(p).resolve()): _fingerprint_set(p) for p in train},
-            "eval": _fingerprint_eval(data),
-        },
-        "config": {"seed": cfg.seed, "evaluate": _result_fields(ev)},
-    }
-    claim_output(
-        out, RUN_FILE, record, ("input", "config"), overwrite, _clear, "an evaluation of other sets or settings"
-    )
-    (out / SUCCESS).unlink(missing_ok=True)
-    atomic_write_json(out / RUN_FILE, record)
-    atomic_write_text(
-        out / "config.yaml", yaml.safe_dump({"seed": cfg.seed, "evaluate": _result_fields(ev)}, sort_keys=False)
-    )
+    _claim(out, train, eval_data, data, cfg, overwrite)
     cache = FeatureCache(out / "cache", cfg, protocol)
     # the students are built once here, so that a model or weights that cannot be had fail before any run starts
     for name in protocol.students:
@@ -399,7 +481,7 @@ def _run_evaluate(train, eval_data, out: Path, cfg: Config, eval_images, overwri
             spec = StudentSpec(student, ev.image_weights, protocol.features, ev.image_size)
             ids = []
             for r in range(ev.runs):
-                run_id = f"{_slug(ts.name)}-{_digest(ts.path, ts.kind)[:6]}__{_slug(student)}__r{r}"
+                run_id = f"{_set_id(ts.name, ts.path, ts.kind)}__{_slug(student)}__r{r}"
                 jobs.append(
                     RunJob(
                         run_id, ts.name, spec, settings, run_seed(cfg.seed, student, r), r, workers, device, threads
@@ -415,6 +497,7 @@ def _run_evaluate(train, eval_data, out: Path, cfg: Config, eval_images, overwri
                 "protocol": protocol.name,
                 "select": ev.select,
                 "pairs": ts.num_pairs,
+                "skipped": dict(ts.skipped),
                 "text_side": side,
                 "text_unit": unit,
                 "lr_image": settings.lr_image,
@@ -502,6 +585,7 @@ def _run_evaluate(train, eval_data, out: Path, cfg: Config, eval_images, overwri
         "device": device,
         "results": results,
         "runs_this_time": len(todo),
+        "runs_reused": len(jobs) - len(todo),
         "seconds": {
             "total": round(time.perf_counter() - t_start, 3),
             "read_sets": round(t_sets, 3),

@@ -30,13 +30,14 @@ def _record_path(runs_dir: Path, job: RunJob) -> Path:
 
 
 def _defining(job: dict) -> dict:
-    # where and how wide a run trained (workers, device, threads) does not change what it computes
-    return {k: v for k, v in job.items() if k not in ("workers", "device", "threads")}
+    # where and how wide a run trained (workers, device, threads) does not change what it computes; nor does the
+    # set's display name, which the run id (naming the set by its path) does not depend on
+    return {k: v for k, v in job.items() if k not in ("workers", "device", "threads", "set_name")}
 
 
 def load_done(runs_dir: Path, jobs: list[RunJob]) -> dict[str, dict]:
-    """Records of the ``jobs`` already finished in ``runs_dir`` (same set, student, settings and seed; workers,
-    device and threads may differ), by run id."""
+    """Records of the ``jobs`` already finished in ``runs_dir`` (same run id, student, settings and seed; workers,
+    device, threads and the set's display name may differ), by run id."""
     done = {}
     for job in jobs:
         path = _record_path(runs_dir, job)

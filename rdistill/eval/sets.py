@@ -2,6 +2,9 @@
 
 A :class:`TrainSet` holds decoded images once (``(n_img, S, S, 3) uint8``), the image of each pair, the captions
 and, when the set has them, its distilled text vectors (``.npy`` members), with the set's ``distilled.json``.
+An image that cannot be decoded is skipped with its pairs and counted in ``TrainSet.skipped`` (a training set
+with a few broken files still trains); anything else unreadable is a :class:`DistilledError` naming the file and
+sample.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from rdistill.io.distilled import DistilledError, read_distilled_info
-from rdistill.io.karpathy import IMAGE_EXTS, EvalSplit, load_images
+from rdistill.io.karpathy import IMAGE_EXTS, EvalDataError, EvalSplit, load_train_images
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +26,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainSet:
     """``images (n_img, S, S, 3) uint8``; ``pair_image (n,) int64``; ``captions`` n strings; ``vectors (n, d)
-    float32`` or None; ``kind``: distilled | random-subset | full-data."""
+    float32`` or None; ``kind``: distilled | random-subset | full-data; ``skipped``: images that could not be
+    decoded (``corrupt_images``) and the pairs left out with them (``pairs``)."""
 
     name: str
     path: str
@@ -34,6 +38,7 @@ class TrainSet:
     captions: list[str]
     vectors: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=lambda: {"corrupt_images": 0, "pairs": 0})
 
     @property
     def num_pairs(self) -> int:
@@ -54,7 +59,8 @@ def _resize(data: bytes, size: int, where: str) -> np.ndarray:
 
 def read_distilled_set(path: str | Path, image_size: int, name: str | None = None) -> TrainSet:
     """The set at ``path`` (shards + ``manifest.parquet``) with images resized to ``image_size``, in manifest
-    order. Errors name the file and key."""
+    order; samples whose image cannot be decoded are skipped and counted (logged with their shard and key). Errors
+    name the file and key."""
     import pyarrow.parquet as pq
 
     root = Path(path)
@@ -91,7 +97,7 @@ def read_distilled_set(path: str | Path, image_size: int, name: str | None = Non
                         found.setdefault(key, {})[ext.lower()] = tar.extractfile(m).read()
         except (tarfile.TarError, OSError) as e:
             raise DistilledError(f"{tar_path}: not a readable tar ({e})") from None
-    images, captions, vectors = [], [], []
+    images, captions, vectors, corrupt = [], [], [], []
     for k, s in zip(keys, shards):
         members = found.get(k)
         where = f"{root / 'shards' / Path(s).name}: sample {k}"
@@ -100,12 +106,31 @@ def read_distilled_set(path: str | Path, image_size: int, name: str | None = Non
         ext = next((e for e in IMAGE_EXTS if e in members), None)
         if ext is None:
             raise DistilledError(f"{where}: no image member ({', '.join(IMAGE_EXTS)})")
-        images.append(_resize(members[ext], image_size, where))
+        try:
+            image = _resize(members[ext], image_size, where)
+        except DistilledError as e:
+            corrupt.append(str(e))
+            continue
+        images.append(image)
         captions.append(members.get("txt", b"").decode("utf-8", errors="replace").strip())
         if "npy" in members:
-            vectors.append(np.load(io.BytesIO(members["npy"])).astype(np.float32).reshape(-1))
-    if vectors and len(vectors) != len(keys):
-        raise DistilledError(f"{root}: {len(vectors)} of {len(keys)} samples carry a .npy text vector")
+            try:
+                vec = np.load(io.BytesIO(members["npy"]), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                cause = " ".join(str(e).split())
+                raise DistilledError(f"{where}: .npy text vector cannot be read ({cause})") from None
+            if vec.dtype.kind not in "fiu" or vec.size == 0:
+                raise DistilledError(f"{where}: .npy text vector is not a non-empty numeric array ({vec.dtype})")
+            vectors.append(vec.astype(np.float32).reshape(-1))
+    if corrupt:
+        shown = "; ".join(corrupt[:3]) + (" ..." if len(corrupt) > 3 else "")
+        log.warning(
+            "%s: %d of %d images cannot be decoded, skipped with their pairs: %s", root, len(corrupt), len(keys), shown
+        )
+    if not images:
+        raise DistilledError(f"{root}: none of its {len(keys)} images can be decoded ({corrupt[0]})")
+    if vectors and len(vectors) != len(images):
+        raise DistilledError(f"{root}: {len(vectors)} of {len(images)} samples carry a .npy text vector")
     if len({v.shape for v in vectors}) > 1:
         raise DistilledError(f"{root}: the .npy text vectors differ in length")
     return TrainSet(
@@ -114,9 +139,10 @@ def read_distilled_set(path: str | Path, image_size: int, name: str | None = Non
         "distilled",
         info,
         np.stack(images),
-        np.arange(len(keys), dtype=np.int64),
+        np.arange(len(images), dtype=np.int64),
         captions,
         np.stack(vectors) if vectors else None,
+        skipped={"corrupt_images": len(corrupt), "pairs": len(corrupt)},
     )
 
 
@@ -125,11 +151,16 @@ def pairs_from_split(
 ) -> TrainSet:
     """Pairs (one per caption, as the authors' training split) from ``split``: all of them (``pairs`` None: the
     full-data row) or a uniform random sample of ``pairs`` (the random-subset row), seeded. Only the images used
-    are decoded."""
+    are decoded; one that cannot be is skipped with its pairs and counted (``TrainSet.skipped``)."""
     n = len(split.captions)
     rows = np.arange(n) if pairs is None else np.sort(np.random.default_rng(seed).choice(n, min(pairs, n), False))
     used, pair_image = np.unique(split.txt2img[rows], return_inverse=True)
-    images = load_images(split, image_size, rows=used)
+    images, ok = load_train_images(split, image_size, rows=used)
+    keep = ok[pair_image]
+    if not keep.any():
+        raise EvalDataError(f"{split.source}: none of the {len(used)} {split.name} images drawn can be decoded")
+    rows, pair_image = rows[keep], (np.cumsum(ok) - 1)[pair_image[keep]]
+    skipped = {"corrupt_images": int((~ok).sum()), "pairs": int((~keep).sum())}
     info = {
         "method": kind,
         "count": len(rows),
@@ -137,5 +168,12 @@ def pairs_from_split(
         "source": {"eval_data": split.source, "split": split.name, "seed": seed},
     }
     return TrainSet(
-        name, split.source, kind, info, images, pair_image.astype(np.int64), [split.captions[r] for r in rows]
+        name,
+        split.source,
+        kind,
+        info,
+        images,
+        pair_image.astype(np.int64),
+        [split.captions[r] for r in rows],
+        skipped=skipped,
     )

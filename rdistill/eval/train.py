@@ -163,11 +163,25 @@ def train_run(job: RunJob, data: dict, comm: Comm | None = None) -> dict:
     ``data``: ``train_images (n_img, S, S, 3) uint8``, ``pair_image (n,) int64`` (the image of each pair),
     ``train_text (n, d) float32`` (the text features the head takes), and ``eval``: ``{split: {"images" (m, S, S, 3)
     uint8, "text" (t, d) float32, "txt2img" (t,) int64}}``. Returns the run's record: ``curve`` (per evaluated pass:
-    mean training loss, ``val`` and ``test`` recalls), per-pass ``losses``, timings and the job."""
+    mean training loss, ``val`` and ``test`` recalls), per-pass ``losses``, timings and the job.
+
+    On CPU with ``job.threads`` > 0 torch runs this many threads during the run; the caller's setting is restored
+    after it (the local executor runs in the driver)."""
     import torch
 
-    if job.threads > 0 and job.device == "cpu":
-        torch.set_num_threads(job.threads)
+    if not (job.threads > 0 and job.device == "cpu"):
+        return _train_run(job, data, comm)
+    before = torch.get_num_threads()
+    torch.set_num_threads(job.threads)
+    try:
+        return _train_run(job, data, comm)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_run(job: RunJob, data: dict, comm: Comm | None) -> dict:
+    import torch
+
     s = job.settings
     torch.manual_seed(job.seed)
     rng = np.random.default_rng(job.seed)

@@ -231,24 +231,55 @@ def _decode_one(split: EvalSplit, i: int, size: int) -> np.ndarray:
         else:
             with Image.open(split.paths[i]) as im:
                 img = im.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise EvalDataError(f"{split.source}: image {split.names[i]} cannot be decoded ({e})") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        what = split.paths[i] if split.data is None else split.names[i]
+        raise EvalDataError(f"{split.source}: image {what} cannot be decoded ({e})") from None
     return np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.uint8)
+
+
+def _decode(split: EvalSplit, size: int, threads: int, rows, skip_corrupt: bool) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.arange(split.num_images) if rows is None else np.asarray(rows, np.int64)
+    out = np.empty((len(idx), size, size, 3), np.uint8)
+    ok = np.ones(len(idx), bool)
+    bad: list[str] = []
+    workers = threads or min(8, os.cpu_count() or 1)
+
+    def work(k: int) -> None:
+        try:
+            out[k] = _decode_one(split, int(idx[k]), size)
+        except EvalDataError as e:
+            if not skip_corrupt:
+                raise
+            ok[k] = False
+            bad.append(str(e))
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(work, range(len(idx))))
+    if bad:
+        log.warning("%d images of the %s split skipped, e.g. %s", len(bad), split.name, min(bad))
+        j = 0  # compact in place: a full training split's images can be most of the memory
+        for k in np.flatnonzero(ok):
+            if k != j:
+                out[j] = out[k]
+            j += 1
+        out = out[:j]
+    return out, ok
 
 
 def load_images(split: EvalSplit, size: int, threads: int = 0, rows: np.ndarray | None = None) -> np.ndarray:
     """The split's images (or those at ``rows``) -> ``(n, size, size, 3) uint8``, bicubic-resized to a square
-    (the authors' evaluation transform, before normalisation). Decoded in ``threads`` threads (0: CPUs)."""
-    idx = np.arange(split.num_images) if rows is None else np.asarray(rows, np.int64)
-    out = np.empty((len(idx), size, size, 3), np.uint8)
-    workers = threads or min(8, os.cpu_count() or 1)
+    (the authors' evaluation transform, before normalisation). Decoded in ``threads`` threads (0: CPUs). An image
+    that cannot be decoded is an :class:`EvalDataError` naming the file (the val and test splits)."""
+    return _decode(split, size, threads, rows, skip_corrupt=False)[0]
 
-    def work(k: int) -> None:
-        out[k] = _decode_one(split, int(idx[k]), size)
 
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(work, range(len(idx))))
-    return out
+def load_train_images(
+    split: EvalSplit, size: int, threads: int = 0, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """As :func:`load_images`, for training: images that cannot be decoded are skipped (logged) rather than
+    stopping the run. Returns the decoded ones, ``(k, size, size, 3) uint8`` in order, and which of the split's
+    images (or of ``rows``) they are, ``(n,) bool``."""
+    return _decode(split, size, threads, rows, skip_corrupt=True)
 
 
 def caption_counts(split: EvalSplit) -> Counter:

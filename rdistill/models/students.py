@@ -248,7 +248,8 @@ class TextEncoder:
                 self.tokenizer = AutoTokenizer.from_pretrained(spec.model)
                 self.model = BertModel.from_pretrained(spec.model)
             except Exception as e:  # offline, missing files: name the model and the key, keep the cause
-                raise StudentError(f"evaluate.text_encoder {spec.name}: cannot load {spec.model}: {e}") from e
+                cause = " ".join(str(e).split())  # transformers' messages run over several lines
+                raise StudentError(f"evaluate.text_encoder {spec.name}: cannot load {spec.model}: {cause}") from e
         self.model = self.model.to(device).eval()
         self.dim = int(self.model.config.hidden_size)
 

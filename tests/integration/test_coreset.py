@@ -202,3 +202,49 @@ def test_sample_found_by_position_when_keys_differ(store, tmp_path):
     for r in firsts:
         src = members[r["source_shard"]][sorted(members[r["source_shard"]])[r["source_index"]]]
         assert written[r["key"]]["txt"] == src["txt"]
+
+
+def test_a_shard_first_sample_records_index_0(store, tmp_path):
+    root, _, _, _ = store
+    run_coreset(str(root), tmp_path / "all", _cfg("random", m=119))  # every valid row, the first of each shard too
+    manifest = pq.read_table(tmp_path / "all" / "manifest.parquet").to_pylist()
+    assert {r["row"] for r in manifest} >= {0, 40, 80}
+    assert all(r["source_index"] == r["row"] % 40 for r in manifest)
+
+
+def test_prototypes_without_the_embedding_column_are_one_line(store, tmp_path, capsys):
+    root, _, _, _ = store
+    (tmp_path / "p").mkdir()
+    pq.write_table(
+        pa.table({"id": [0, 1], "image_embedding": [[1.0, 0.0], [0.0, 1.0]]}), tmp_path / "p" / "prototypes.parquet"
+    )
+    args = ["--embeddings", str(root), "--num-pairs", "2", "--prototypes", str(tmp_path / "p")]
+    assert coreset_main(["--method", "text-prototype", *args, "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prototypes.parquet" in err[0] and "no column 'text_embedding'" in err[0], err
+    (tmp_path / "p" / "prototypes.parquet").write_bytes(b"not parquet")
+    assert coreset_main(["--method", "image-prototype", *args, "--output", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a readable parquet file" in err[0], err
+
+
+def test_fetching_images_holds_only_the_selected_samples(tmp_path):
+    """A shard of 30 samples with 300 kB members each: fetching one sample's image never holds the others'."""
+    import io
+    import tracemalloc
+
+    from rdistill.baselines.driver import _fetch_images
+
+    shard = tmp_path / "big.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(30):
+            for ext, data in (("jpg", bytes([i]) * 1000), ("bin", bytes(300_000)), ("txt", b"c")):
+                ti = tarfile.TarInfo(f"{i:04d}.{ext}")
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+    tracemalloc.start()
+    got = _fetch_images([{"key": "0007", "shard": str(shard), "index": 7}], ("jpg",))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got == [(bytes([7]) * 1000, "jpg")]
+    assert peak < 3_000_000, peak  # the whole shard is 9 MB

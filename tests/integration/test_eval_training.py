@@ -113,3 +113,16 @@ def test_same_seed_same_numbers_frozen_backbone_too(toy_data):
     )
     # the same run with a trainable backbone at learning rate 0 computes the same losses (features not cached)
     assert train_run(live, toy_data)["losses"] == pytest.approx(f1["losses"], rel=1e-4)
+
+
+def test_a_run_restores_the_callers_torch_threads(toy_data):
+    """The local executor trains in the driver: a run pinned to ``threads`` leaves the driver's setting as it was."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        train_run(_job(5, epochs=0, every=1), toy_data)  # threads=1
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

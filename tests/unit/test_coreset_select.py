@@ -75,3 +75,80 @@ def test_bottom_k_over_blocks_equals_a_full_sort_whatever_the_blocking():
     k = BottomK(2)
     k.add(np.zeros(3), np.array([7, 3, 5]))
     assert k.result()[1].tolist() == [3, 5]
+
+
+def test_bottom_k_with_ties_and_any_row_order_equals_a_full_sort():
+    rng = np.random.default_rng(2)
+    rows = rng.permutation(5000)  # rows arrive in any order, keys with many ties
+    keys = np.round(row_priority(rows, seed=1), 2)
+    want = rows[np.lexsort((rows, keys))[:300]]
+    cuts = np.sort(rng.choice(np.arange(1, 5000), 40, replace=False))
+    for as_callable in (False, True):
+        k = BottomK(300)
+        for block in np.split(np.arange(5000), cuts):
+            pay = rows[block][:, None] * np.ones((1, 3), np.float32)
+            k.add(keys[block], rows[block], (lambda idx, pay=pay: pay[idx]) if as_callable else pay)
+        got_keys, got_rows, payload = k.result()
+        assert got_rows.tolist() == want.tolist()
+        assert np.array_equal(payload, want[:, None] * np.ones((1, 3), np.float32))
+        assert np.all(np.diff(got_keys) >= 0)
+
+
+def test_bottom_k_builds_the_payload_of_entering_rows_only():
+    """Once full, a block's rows at or above the k-th (key, row) are dropped before their payload is built."""
+    k = BottomK(3)
+    k.add(np.array([0.1, 0.2, 0.3]), np.array([10, 11, 12]), np.arange(3.0)[:, None])
+    asked = []
+
+    def payload(idx):
+        asked.append(idx.tolist())
+        return np.full((len(idx), 1), 9.0)
+
+    # 0.5 is above the k-th key; 0.3 at row 13 ties with (0.3, row 12) and loses, at row 4 it wins the tie
+    k.add(np.array([0.5, 0.3, 0.3]), np.array([1, 13, 4]), payload)
+    assert asked == [[2]]
+    keys, rows, pay = k.result()
+    assert rows.tolist() == [10, 11, 4] and keys.tolist() == [0.1, 0.2, 0.3] and pay[:, 0].tolist() == [0, 1, 9]
+    # 0.05 enters; 0.25 at row 0 passes the k-th (0.3, row 4) but not the new k-th: its payload is never built
+    k.add(np.array([0.9, 0.25, 0.05]), np.array([20, 0, 21]), payload)
+    assert asked == [[2], [2]]
+    assert k.result()[1].tolist() == [21, 10, 11]
+    k.add(np.array([0.9, 0.3]), np.array([22, 23]), payload)
+    assert asked == [[2], [2]]  # nothing can enter: no payload built
+
+
+def test_herding_and_kcenter_in_float32_equal_float64_and_copy_nothing():
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    x = pair_features(_unit(rng.normal(size=(3000, 32))), _unit(rng.normal(size=(3000, 32))))
+    # the same greedy rules in float64, vectorised
+    x64, mu = x.astype(np.float64), x.astype(np.float64).mean(0)
+    chosen, total = [], np.zeros(64)
+    for t in range(40):
+        score = np.linalg.norm((total + x64) / (t + 1) - mu, axis=1)
+        score[chosen] = np.inf
+        chosen.append(int(np.argmin(score)))
+        total += x64[chosen[-1]]
+    assert herding(x, 40).tolist() == chosen
+    first = int(np.random.default_rng(7).integers(3000))
+    centers, dist = [first], np.linalg.norm(x64 - x64[first], axis=1)
+    for _ in range(39):
+        dist[centers] = -1.0
+        centers.append(int(np.argmax(dist)))
+        dist = np.minimum(dist, np.linalg.norm(x64 - x64[centers[-1]], axis=1))
+    assert kcenter(x, 40, seed=7).tolist() == centers
+    big = np.ascontiguousarray(np.tile(x, (1, 8)))  # 3000 x 512 float32, 6 MB
+    for run in (lambda: herding(big, 3), lambda: kcenter(big, 3), lambda: BottomK(len(big)).result()):
+        tracemalloc.start()
+        run()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < big.nbytes / 4, peak  # a float64 copy would be 2x big.nbytes
+    k = BottomK(len(big))
+    k.add(row_priority(np.arange(len(big)), 0), np.arange(len(big)), big)
+    tracemalloc.start()
+    _, _, pay = k.result()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < big.nbytes / 4 and np.array_equal(pay, big[np.argsort(row_priority(np.arange(len(big)), 0))])

@@ -2,7 +2,9 @@
 
 import io
 import json
+import re
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +110,30 @@ def test_eval_shards_bad_samples_are_named(tmp_path, capsys):
         read_eval_shards(str(path.parent))
     code = convert_main(["--karpathy", str(tmp_path / "missing.json"), "--output", str(tmp_path / "o")])
     assert code == 2 and "missing.json: file not found" in capsys.readouterr().err
+
+
+def test_corrupt_images_are_skipped_in_training_pairs_and_an_error_in_eval_splits(tmp_path):
+    """A broken train image drops its image and its captions' pairs from the full-data and random-subset sets,
+    counted; in a val or test split it stays an error naming the file."""
+    from rdistill.eval.sets import pairs_from_split
+
+    kj = write_toy_karpathy(tmp_path, {"train": 6, "val": 3, "test": 3}, seed=2, size=16)
+    data = read_karpathy(kj)
+    train, val = data.splits["train"], data.splits["val"]
+    Path(train.paths[2]).write_bytes(b"not a png")
+    Path(val.paths[1]).write_bytes(b"\x89PNG broken")
+    full = pairs_from_split(train, 16, "full-data", "full-data")
+    assert full.skipped == {"corrupt_images": 1, "pairs": 5}
+    assert full.num_pairs == 25 and len(full.images) == 5 and full.info["count"] == 25
+    want_caps = [c for c, i in zip(train.captions, train.txt2img) if i != 2]
+    assert full.captions == want_caps
+    # every pair still points at its own image
+    own = {i: load_images(train, 16, rows=np.array([i]))[0] for i in (0, 1, 3, 4, 5)}
+    kept = [int(i) for i in train.txt2img if i != 2]
+    assert all(np.array_equal(full.images[full.pair_image[j]], own[i]) for j, i in enumerate(kept))
+    sub = pairs_from_split(train, 16, "random-subset-30", "random-subset", pairs=30, seed=0)
+    assert sub.skipped == {"corrupt_images": 1, "pairs": 5} and sub.num_pairs == 25
+    with pytest.raises(EvalDataError, match=re.escape(val.paths[1]) + ".*cannot be decoded"):
+        load_images(val, 16)
+    with pytest.raises(EvalDataError, match="cannot be decoded"):
+        load_images(train, 16)

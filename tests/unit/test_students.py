@@ -88,3 +88,12 @@ def test_text_encoders_offline_and_their_names():
     assert a.shape == (2, 32) and np.array_equal(a, b) and not np.allclose(a[0], a[1])
     clip = TextEncoder(parse_text_encoder("clip:rdistill-tiny"))
     assert clip.encode(["a red circle"]).shape == (1, 64)
+
+
+def test_a_bert_that_cannot_be_loaded_is_one_line(tmp_path):
+    """transformers' messages run over several lines (an empty directory: "Couldn't instantiate the backend
+    tokenizer from one of: \\n(1) ..."); the error is one line naming the key and the model."""
+    with pytest.raises(StudentError) as e:
+        TextEncoder(parse_text_encoder(f"bert:{tmp_path}"))
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"evaluate.text_encoder bert:{tmp_path}: cannot load")
