@@ -38,30 +38,15 @@ log = logging.getLogger(__name__)
 
 
 def _data(scratch: Path, pairs: int, n_val: int, n_test: int, size: int = 224):
-    from rdistill.eval.toy import write_toy_karpathy
+    from rdistill.eval.toy import real_pair_samples, write_toy_karpathy
     from rdistill.io.distilled import write_distilled_set
-    from rdistill.io.karpathy import read_karpathy
-    from rdistill.models.students import TextEncoder, parse_text_encoder
 
     kj = scratch / "karpathy" / "dataset_toy.json"
     if not kj.exists():
         write_toy_karpathy(kj.parent, {"train": pairs, "val": n_val, "test": n_test}, seed=11, size=size)
     subset = scratch / "set"
     if not (subset / "distilled.json").exists():
-        split = read_karpathy(kj).splits["train"]
-        caps = [split.captions[split.img2txt[i][0]] for i in range(pairs)]
-        vec = TextEncoder(parse_text_encoder("clip:rdistill-tiny")).encode(caps)
-        vec /= np.linalg.norm(vec, axis=1, keepdims=True)
-        samples = [
-            {
-                "key": f"{i:08d}",
-                "image": open(split.paths[i], "rb").read(),
-                "ext": "png",
-                "caption": caps[i],
-                "npy": vec[i],
-            }
-            for i in range(pairs)
-        ]
+        samples = real_pair_samples(kj, pairs)
         write_distilled_set(subset, samples, method="bench", text_space="clip:rdistill-tiny", text_vectors=True)
     return kj, subset
 

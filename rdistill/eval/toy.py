@@ -56,3 +56,26 @@ def write_toy_karpathy(
     path = root / "dataset_toy.json"
     path.write_text(json.dumps({"dataset": "toy", "images": images}))
     return path
+
+
+def real_pair_samples(karpathy_json: Path, pairs: int, text_encoder: str = "clip:rdistill-tiny") -> list[dict]:
+    """The first ``pairs`` images of a Karpathy file's train split as distilled-format samples (png bytes, their
+    first caption, and that caption's unit text embedding under ``text_encoder`` as ``npy``): a real subset to train
+    students on, for tests and benchmarks (:func:`rdistill.io.distilled.write_distilled_set`)."""
+    from rdistill.io.karpathy import read_karpathy
+    from rdistill.models.students import TextEncoder, parse_text_encoder
+
+    split = read_karpathy(karpathy_json).splits["train"]
+    caps = [split.captions[split.img2txt[i][0]] for i in range(pairs)]
+    vec = TextEncoder(parse_text_encoder(text_encoder)).encode(caps)
+    vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+    return [
+        {
+            "key": f"{i:08d}",
+            "image": Path(split.paths[i]).read_bytes(),
+            "ext": "png",
+            "caption": caps[i],
+            "npy": vec[i],
+        }
+        for i in range(pairs)
+    ]

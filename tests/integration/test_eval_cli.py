@@ -12,10 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rdistill.eval.driver import main  # noqa: E402
-from rdistill.eval.toy import write_toy_karpathy  # noqa: E402
+from rdistill.eval.toy import real_pair_samples, write_toy_karpathy  # noqa: E402
 from rdistill.io.distilled import read_distilled_info, write_distilled_set, write_pds_distilled_json  # noqa: E402
-from rdistill.io.karpathy import read_karpathy  # noqa: E402
-from rdistill.models.students import TextEncoder, parse_text_encoder  # noqa: E402
 
 TINY = [
     "evaluate.students=rdistill-tiny-resnet",
@@ -35,22 +33,10 @@ KEYS = {"IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean"}
 
 def _sets(root, space):
     kj = write_toy_karpathy(root / "karpathy", {"train": 40, "val": 12, "test": 12}, seed=4, size=32)
-    split = read_karpathy(kj).splits["train"]
-    caps = [split.captions[split.img2txt[i][0]] for i in range(24)]
-    vec = TextEncoder(parse_text_encoder("clip:rdistill-tiny")).encode(caps)
-    vec /= np.linalg.norm(vec, axis=1, keepdims=True)
-    samples = [
-        {
-            "key": f"{i:08d}",
-            "image": open(split.paths[i], "rb").read(),
-            "ext": "png",
-            "caption": caps[i],
-            "npy": vec[i],
-        }
-        for i in range(24)
-    ]
+    samples = real_pair_samples(kj, 24)
+    dim = samples[0]["npy"].shape[0]
     write_distilled_set(
-        root / "set", samples, shard_size=10, method="test", text_space=space, text_vectors=True, text_dim=vec.shape[1]
+        root / "set", samples, shard_size=10, method="test", text_space=space, text_vectors=True, text_dim=dim
     )
     return kj, root / "set"
 
