@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m rdistill.pds --config configs/demo.yaml --output demo-output
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=20
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rdistill tests && $(VENV)/bin/ruff format --check rdistill tests

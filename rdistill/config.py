@@ -54,7 +54,12 @@ class ClusterConfig:
     niter: int = _f(10, lo=0, doc="Lloyd iterations after seeding")
     init: str = _f("auto", choices=("auto", "kmeans++", "random"), doc="seeding; auto = k-means++ up to 10k clusters")
     seed_points_per_centroid: int = _f(8, lo=1, doc="k-means++ seeds from at most this many sample rows per centroid")
-    refine_rounds: int = _f(16, lo=0, doc="split-merge refinement rounds at most (0 disables)")
+    refine_rounds: int = _f(
+        64,
+        lo=0,
+        doc="split-merge refinement rounds at most, until no move pays (0 disables); after the first only the "
+        "clusters the last moves touched are re-evaluated, so rounds are cheap",
+    )
     refine_niter: int = _f(0, lo=0, doc="Lloyd iterations after each refinement round (0: local relabelling only)")
     final_niter: int = _f(3, lo=0, doc="Lloyd iterations after refinement, when it moved anything")
     shard_rows: int = _f(

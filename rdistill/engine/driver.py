@@ -99,8 +99,10 @@ def run_prototypes(embeddings: str, output: str | Path, cfg: Config, *, overwrit
         store, incomplete = open_store(embeddings, cfg, allow_incomplete)
         record = {"embeddings": str(embeddings), "input": store.fingerprint(),
                   "config": yaml.safe_load(dump_config(cfg, "prototypes"))}  # fmt: skip
+        # a finished k-means (or later pass) is hours of work at scale: a changed config must not wipe it unasked
+        protect = tuple(f"{WORK}/{step}.pkl" for step in STEPS[STEPS.index("cluster") :])
         claim_output(out, RUN_FILE, record, ("input", "config"), overwrite, _clear,
-                     "prototypes of another store or config")  # fmt: skip
+                     "prototypes of another store or config", protect)  # fmt: skip
         if finished := finished_summary(out, RUN_FILE, {"seconds": 0.0}, resumed=True):
             return finished
         (out / SUCCESS).unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from rdistill.algo.cells import CellMeans, cosine, plan_cells
 from rdistill.algo.kmeans import fit_sharded
 from rdistill.algo.matching import Contingency, match_clusters
 from rdistill.algo.prune import PruneCut, cut_bin, cut_in_bin, drop_count
+from rdistill.algo.sample import bernoulli_rows
 from rdistill.config import Config
 from rdistill.engine import tasks
 from rdistill.engine.state import Assigned, Captions, Clusters, Matched, Prototypes, Pruned, Scanned
@@ -95,13 +96,11 @@ def scan(ctx: Context, rng: np.random.Generator) -> Scanned:
     n = store.num_rows
     sample_target = min(cfg.cluster.max_sample, cfg.cluster.points_per_centroid * k)
     draw = math.ceil(sample_target / max(1.0 - cfg.prune.ratio, 0.01) * 1.1) + k
-    # Each row is drawn with probability draw / n, part by part: the driver's memory follows the part size, not N
-    # (one draw over all N rows would hold an arange(N)); the count is binomial, within a few sqrt(draw) of draw.
-    share = min(1.0, draw / max(n, 1))
-    items = []
-    for p in store.parts:
-        take = p.rows if share >= 1.0 else int(rng.binomial(p.rows, share))
-        items.append((p, np.sort(rng.choice(p.rows, size=take, replace=False)).astype(np.int64) + p.start))
+    # Each row is drawn with probability draw / n by a hash of its global row id: the same rows whatever the parts
+    # (a store re-partitioned gives the same sample), and the driver's memory follows the part size, not N (one
+    # draw over all N rows would hold an arange(N)); the count is binomial, within a few sqrt(draw) of draw.
+    share, key = min(1.0, draw / max(n, 1)), int(rng.integers(2**63))
+    items = [(p, bernoulli_rows(p.start, p.rows, share, key)) for p in store.parts]
 
     def add(acc, item, r):
         invalid_per_part, sims, rows, owner = acc

@@ -219,14 +219,18 @@ def describe_changes(previous: dict, record: dict, keys: Iterable[str], limit: i
 RECORD_FORMAT = 2  # run records before it (rdistill <= 0.1.0 at 176d2b7) held no fingerprint of their input
 
 
-def has_finished_work(out: Path) -> bool:
-    """Whether ``out`` holds finished work worth protecting: its ``_SUCCESS``, any done-marker, or a finished pass
-    of the prototype engine (``_work/*.pkl``: hours of k-means at scale, not to be wiped by a typo)."""
-    return (out / SUCCESS).exists() or any((out / DONE).glob("*.json")) or any((out / "_work").glob("*.pkl"))
+def has_finished_work(out: Path, protect: tuple[str, ...] = ()) -> bool:
+    """Whether ``out`` holds finished work worth protecting: its ``_SUCCESS``, any done-marker, or a file matching
+    one of the ``protect`` patterns (relative to ``out``: e.g. the prototype engine's finished k-means)."""
+    return (
+        (out / SUCCESS).exists()
+        or any((out / DONE).glob("*.json"))
+        or any(any(out.glob(pattern)) for pattern in protect)
+    )
 
 
 def claim_output(out: Path, run_file: str, record: dict, keys: tuple[str, ...], overwrite: bool,
-                 clear: Callable[[Path], None], holds: str) -> None:  # fmt: skip
+                 clear: Callable[[Path], None], holds: str, protect: tuple[str, ...] = ()) -> None:  # fmt: skip
     """Make ``out`` the output of the run described by ``record`` (which gets ``format``). The rule every stage
     follows:
 
@@ -234,13 +238,14 @@ def claim_output(out: Path, run_file: str, record: dict, keys: tuple[str, ...], 
       and skipped when finished, with or without ``overwrite``;
     * one that differs is refused with a message naming what changed (``out`` holds ``holds``), unless
       ``overwrite``, which first calls ``clear(out)`` so the result is recomputed from the new input;
-    * a previous run that finished nothing (it failed before its first part) protects nothing: it is cleared;
+    * a previous run that finished nothing (it failed before its first part, or before any of the ``protect``
+      files: :func:`has_finished_work`) protects nothing: it is cleared;
     * finished work without a record of this format (an older rdistill, another tool) is refused unless
       ``overwrite``: what it was made from cannot be compared.
     """
     record["format"] = RECORD_FORMAT
     path = out / run_file
-    work = has_finished_work(out)
+    work = has_finished_work(out, protect)
     previous = None
     if path.exists():
         try:
