@@ -41,4 +41,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python -m rdistill.dev.bench prototypes
 
 clean:
-	rm -rf $(VENV) demo-output planted-demo-output .pytest_cache
+	rm -rf $(VENV) demo-output planted-demo-output demo-distill .pytest_cache

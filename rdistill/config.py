@@ -329,6 +329,204 @@ class CoresetConfig:
 
 
 @dataclass(frozen=True)
+class ExpertsConfig:
+    """Expert trajectories (MTT-VL / LoRS ``buffer.py``): students trained on the full real data, their parameters
+    saved after every epoch; cached under ``distill.experts_dir`` by a fingerprint of data, student and these
+    settings, and reused by every distillation that asks for the same."""
+
+    num_experts: int = _f(20, lo=1, doc="trajectories (authors: 20, MTT-VL paper 3.2 and sh/buffer_flickr.sh)")
+    epochs: int = _f(10, lo=1, doc="epochs per trajectory (authors: 10)")
+    batch_size: int = _f(128, lo=1, doc="real pairs per SGD step (authors: 128)")
+    lr_image: float = _f(0.1, lo=0.0, doc="SGD lr of the image backbone (authors' lr_teacher_img: 0.1)")
+    lr_text: float = _f(0.1, lo=0.0, doc="SGD lr of the text head (authors' lr_teacher_txt: 0.1)")
+    momentum: float = _f(0.0, lo=0.0, hi=1.0, doc="SGD momentum (authors' buffer.py --mom default: 0)")
+    weight_decay: float = _f(0.0, lo=0.0, doc="SGD weight decay (authors' --l2 default: 0)")
+    temperature: float = _f(0.07, lo=1e-4, doc="InfoNCE temperature (authors: 0.07)")
+    seed: int = _f(0, lo=0, doc="seed of the experts (not the distillation's: experts are shared across seeds)")
+    executor: str = _f(
+        "auto",
+        choices=("auto", "local", "ray"),
+        doc="ray: each expert a Ray Train TorchTrainer, all in parallel over the cluster; local: one after another "
+        "in this process; auto: ray when ray.address or RAY_ADDRESS is set",
+        runtime=True,
+    )
+    cpus_per_expert: float = _f(1.0, lo=0.0, doc="CPUs each expert's worker reserves (its torch threads on CPU)",
+                                runtime=True)  # fmt: skip
+    gpus_per_expert: float = _f(1.0, lo=0.0, doc="GPUs each expert's worker reserves on cuda", runtime=True)
+
+
+@dataclass(frozen=True)
+class TrajectoryConfig:
+    """Trajectory matching (MTT-VL Algorithm 1; TESLA-VL and LoRS add to it). A 0 (or empty) value means the
+    method's published value for ``distill.preset`` and the number of pairs (docs/methods/*.md say where each
+    comes from); set it to override."""
+
+    iterations: int = _f(0, lo=0, doc="distillation iterations (0: the method's default)")
+    syn_steps: int = _f(0, lo=0, doc="R-hat: student steps unrolled on the synthetic set per iteration (0: 8)")
+    expert_epochs: int = _f(0, lo=0, doc="R: the target is the expert this many epochs after the start (0: 1)")
+    max_start_epoch: int = _f(0, lo=0, doc="T+: start epochs are drawn from 0 .. T+ - 1 (0: 2, LoRS 500 pairs 3)")
+    mini_batch: int = _f(0, lo=0, doc="synthetic pairs per student step (0: the method's default, at most M)")
+    lr_image: float = _f(0.0, lo=0.0, doc="SGD lr of the synthetic pixels (0: the method's default)")
+    lr_text: float = _f(0.0, lo=0.0, doc="SGD lr of the synthetic text vectors (0: the method's default)")
+    lr_lr: float = _f(1e-2, lo=0.0, doc="SGD lr of the learnable student learning rates (authors: 1e-2)")
+    lr_init_image: float = _f(0.1, lo=0.0, doc="initial student lr of the image backbone (authors: 0.1)")
+    lr_init_text: float = _f(0.1, lo=0.0, doc="initial student lr of the text head (authors: 0.1)")
+    momentum: float = _f(0.5, lo=0.0, hi=1.0, doc="SGD momentum of the synthetic data (authors: 0.5)")
+    momentum_lr: float = _f(0.5, lo=0.0, hi=1.0, doc="SGD momentum of the learnable lrs (authors: 0.5)")
+    temperature: float = _f(0.0, lo=0.0, doc="student InfoNCE / WBCE temperature (0: 0.07; LoRS COCO 500: 0.1)")
+    merge_branches: str = _f(
+        "auto",
+        choices=("auto", "true", "false"),
+        doc="one normalised distance over image and text parameters together instead of the sum of two "
+        "(LoRS --merge_loss_branches); auto: the method's setting for the preset",
+    )
+    sampling: str = _f(
+        "auto",
+        choices=("auto", "fresh", "walk"),
+        doc="mini-batches: fresh (a new random permutation each step, MTT-VL) or walk (through one permutation, "
+        "LoRS); auto: the method's",
+    )
+    memory_saving: bool = _f(
+        False,
+        doc="TESLA's constant-memory unroll: replay the R steps one at a time in reverse instead of keeping the "
+        "whole unrolled graph (activation memory constant in R; the R + 1 flat parameter vectors are kept)",
+    )
+    first_order: bool = _f(
+        False,
+        doc="with memory_saving: drop the Hessian coupling between steps, as the LoRS code does (its gradients "
+        "then differ from MTT's); false: the exact gradients of the unroll",
+    )
+    checkpoint_every: int = _f(0, lo=0, doc="iterations between checkpoints (0: distill.checkpoint_every)")
+
+
+@dataclass(frozen=True)
+class TeslaVLConfig(TrajectoryConfig):
+    memory_saving: bool = _f(True, doc="constant-memory unroll (TESLA); see distill.mtt_vl.memory_saving")
+
+
+@dataclass(frozen=True)
+class LoRSConfig(TrajectoryConfig):
+    memory_saving: bool = _f(True, doc="constant-memory unroll (TESLA, as LoRS runs it)")
+    sim_type: str = _f("lowrank", choices=("lowrank", "full"), doc="similarity matrix: a I + L R^T alpha / rank, "
+                       "or a full M x M matrix")  # fmt: skip
+    sim_rank: int = _f(0, lo=0, doc="rank of the low-rank part (0: the preset's for this budget)")
+    sim_alpha: float = _f(0.0, lo=0.0, doc="alpha of the low-rank part (0: the preset's for this budget)")
+    lr_sim: float = _f(0.0, lo=0.0, doc="SGD lr of the similarity parameters (0: the preset's for this budget)")
+    momentum_sim: float = _f(0.5, lo=0.0, hi=1.0, doc="SGD momentum of the similarity parameters (authors: 0.5)")
+    loss: str = _f("wbce", choices=("wbce", "bce", "infonce"), doc="student loss on soft labels (authors: WBCE)")
+
+
+@dataclass(frozen=True)
+class CovMatchConfig:
+    """CovMatch (rdistill.methods.covmatch.CovMatchSettings: the same names; 0 / negative = the paper's value)."""
+
+    iterations: int = _f(0, lo=0, doc="0: 10,000 (20,000 at > 200 pairs)")
+    rho: float = _f(0.0, lo=0.0, doc="scale of the real cross-covariance; 0: 2 at <= 100 pairs, else 1")
+    feat_weight: float = _f(-1.0, doc="lambda of the feature terms; < 0: 0.1 up to 200 pairs, else 0.6")
+    lr_image: float = _f(1.0, lo=0.0, doc="SGD lr of the synthetic pixels")
+    lr_text: float = _f(1.0, lo=0.0, doc="SGD lr of the synthetic text vectors")
+    momentum: float = _f(0.5, lo=0.0, hi=1.0, doc="SGD momentum of the synthetic data")
+    batch_real: int = _f(256, lo=1, doc="real pairs per iteration")
+    batch_syn: int = _f(0, lo=0, doc="synthetic pairs per iteration; 0: all")
+    reset_every: int = _f(50, lo=1, doc="online model reset period (iterations)")
+    projection_dim: int = _f(2304, lo=1, doc="width of the linear projections")
+    normalize_features: bool = _f(False, doc="L2-normalise encoder features before the statistics (not the paper's)")
+    model_lr_image: float = _f(0.01, lo=0.0, doc="online model: SGD lr of the image encoder")
+    model_lr_text: float = _f(0.1, lo=0.0, doc="online model: SGD lr of the text head and projections")
+    model_momentum: float = _f(0.9, lo=0.0, hi=1.0, doc="online model: SGD momentum")
+    model_weight_decay: float = _f(5e-4, lo=0.0, doc="online model: SGD weight decay")
+    temperature: float = _f(0.07, lo=1e-4, doc="InfoNCE temperature of the online model's step")
+    checkpoint_every: int = _f(100, lo=1, doc="iterations between checkpoints")
+    log_every: int = _f(10, lo=1, doc="iterations between log lines")
+
+
+@dataclass(frozen=True)
+class MDMConfig:
+    """MDM (rdistill.methods.mdm.MDMSettings: the same names)."""
+
+    iterations: int = _f(3000, lo=0, doc="distillation iterations")
+    lr_image: float = _f(1000.0, lo=0.0, doc="SGD lr of the synthetic pixels")
+    lr_text: float = _f(1000.0, lo=0.0, doc="SGD lr of the synthetic text vectors")
+    momentum: float = _f(0.5, lo=0.0, hi=1.0, doc="SGD momentum of the synthetic data")
+    grad_clip: float = _f(1.0, lo=0.0, doc="max L2 norm of the (pixels, text) gradient")
+    batch_real: int = _f(256, lo=1, doc="real pairs per iteration")
+    batch_syn: int = _f(64, lo=1, doc="synthetic pairs per iteration")
+    w_nce: float = _f(1.0, lo=0.0, doc="weight of the InfoNCE term")
+    w_agr: float = _f(0.8, lo=0.0, doc="weight of the agreement energy")
+    w_dis: float = _f(0.8, lo=0.0, doc="weight of the discrepancy energy")
+    sigma_agr: float = _f(0.5, lo=1e-6, doc="geodesic kernel width (agreement)")
+    sigma_dis: float = _f(0.5, lo=1e-6, doc="geodesic kernel width (discrepancy)")
+    diversity_agr: float = _f(1.0, lo=0.0, doc="weight of the synthetic-synthetic kernel term (agreement)")
+    diversity_dis: float = _f(1.0, lo=0.0, doc="weight of the synthetic-synthetic kernel term (discrepancy)")
+    sqrt_energy: bool = _f(True, doc="the energy as sqrt(MMD^2), else MMD^2")
+    off_diagonal: bool = _f(True, doc="within-set kernel means without the diagonal")
+    temperature: float = _f(0.07, lo=1e-4, doc="InfoNCE temperature")
+    merge_alpha: float = _f(0.5, lo=0.0, doc="expert merge strength (0: no experts needed)")
+    merge_k: float = _f(2.0, lo=1.0, doc="Model-Stock k")
+    min_start_epoch: int = _f(1, lo=0, doc="expert epochs drawn from min_start_epoch ..")
+    max_start_epoch: int = _f(10, lo=0, doc=".. max_start_epoch")
+    anchor: str = _f("fixed", choices=("fixed", "fresh"), doc="merge anchor: a fresh student per run or per iteration")
+    init: str = _f("kmeans", choices=("kmeans", "given"), doc="kmeans (joint-space k-means) or the framework's draw")
+    kmeans_max_rows: int = _f(50_000, lo=1, doc="k-means on at most this many real pairs")
+    kmeans_niter: int = _f(20, lo=0, doc="k-means iterations")
+    feature_batch: int = _f(256, lo=1, doc="pairs per feature batch", runtime=True)
+    checkpoint_every: int = _f(100, lo=1, doc="iterations between checkpoints")
+    log_every: int = _f(10, lo=1, doc="iterations between log lines")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The optimisation-based methods (``python -m rdistill.distill``): the students they train (defaults: the
+    MTT-VL / LoRS protocol, ImageNet-pretrained trainable ``nfnet_l0`` pooled features, frozen
+    ``bert-base-uncased`` CLS features, a trainable text head), the expert trajectories and each method's
+    settings under ``distill.<method>`` (``mtt_vl``, ``tesla_vl``, ``lors``, ``covmatch``, ``mdm``)."""
+
+    method: str = _f("mtt-vl", choices=("mtt-vl", "tesla-vl", "lors", "covmatch", "mdm"), doc="--method")
+    num_pairs: int = _f(100, lo=1, doc="M: pairs in the distilled set (--num-pairs)")
+    preset: str = _f(
+        "flickr30k", choices=("flickr30k", "coco"), doc="whose published per-budget settings fill the 0 values"
+    )
+    student: str = _f("nfnet_l0", doc="timm image model (or rdistill-tiny-resnet / rdistill-tiny-vit)")
+    image_weights: str = _f("hub", doc="hub, random, or a directory of checkpoints (as evaluate.image_weights)")
+    image_features: str = _f("pooled", choices=("logits", "pooled"), doc="pooled (num_classes=0, nfnet 2304-d) or "
+                             "logits")  # fmt: skip
+    image_size: int = _f(224, lo=8, doc="square bicubic resize of the real images (authors: 224)")
+    text_encoder: str = _f(
+        "bert:bert-base-uncased",
+        doc="frozen text encoder whose (raw) features the synthetic text lives among: bert:NAME_OR_PATH or "
+        "clip:MODEL[/PRETRAINED] (bert:rdistill-tiny / clip:rdistill-tiny offline)",
+    )
+    caption_preprocess: str = _f("blip", choices=("blip", "none"), doc="captions cleaned as the authors' pre_caption")
+    max_words: int = _f(30, lo=1, doc="words kept per caption by the blip preprocessing")
+    head_dropout: float = _f(0.1, lo=0.0, hi=0.9, doc="dropout of the text head (authors: 0.1)")
+    max_real_pairs: int = _f(
+        0,
+        lo=0,
+        doc="use at most this many real pairs (a seeded sample; 0: all). The real images are held in memory as "
+        "float32: n_images x 3 x image_size^2 x 4 bytes",
+    )
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"), doc="auto: cuda when this machine has one", runtime=True)
+    threads: int = _f(0, lo=0, doc="torch threads of the distillation on CPU (0: torch's default)", runtime=True)
+    checkpoint_every: int = _f(50, lo=1, doc="iterations between checkpoints (a killed run resumes from the last)")
+    log_every: int = _f(10, lo=1, doc="iterations between log lines / loss-history points")
+    experts_dir: str = _f(
+        "",
+        doc="shared storage of expert trajectories (reused across distillations); empty: $RDISTILL_EXPERTS_DIR, "
+        "else ~/.cache/rdistill/experts",
+        runtime=True,
+    )
+    preview_size: int = _f(0, lo=0, doc="PNG previews resized to this size (0: image_size)")
+    write_init: bool = _f(False, doc="also write the initial set (the real pairs drawn) into OUTPUT/init, to compare")
+    shard_size: int = _f(1000, lo=1, doc="pairs per output shard")
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    mtt_vl: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    tesla_vl: TeslaVLConfig = field(default_factory=TeslaVLConfig)
+    lors: LoRSConfig = field(default_factory=LoRSConfig)
+    covmatch: CovMatchConfig = field(default_factory=CovMatchConfig)
+    mdm: MDMConfig = field(default_factory=MDMConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = _f(0, lo=0, doc="seed of every random choice (sampling, seeding)")
     executor: str = _f(
@@ -358,6 +556,7 @@ class Config:
     job: JobConfig = field(default_factory=JobConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     coreset: CoresetConfig = field(default_factory=CoresetConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # The sections each stage's result depends on: a finished stage is redone only when one of these changed.

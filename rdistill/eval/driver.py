@@ -19,6 +19,10 @@ split, as the reference code does, which the outputs say wherever they show it).
                        features, decoded and encoded once per image size and text encoder; DIR/evaluate.json the
                        run record
 
+A set's learned learning rates (``distilled.json`` ``students``) become the students' lrs, its learned soft labels
+(LoRS) switch their loss to LoRS's weighted BCE (:func:`rdistill.eval.train.soft_label_loss`), and its optimised
+float images (``image.tensor``) are trained on as they are, without 8-bit rounding.
+
 Text features of the eval captions are computed once per encoder (frozen, as both protocols keep it). Under the
 PDS protocol every text feature the head sees is by default an L2-normalised CLIP embedding (a PDS set's ``.npy``
 vectors are means of unit vectors, used as they are); the authors feed raw CLIP features and means of raw features.
@@ -50,6 +54,7 @@ from rdistill.errors import RunError
 from rdistill.eval.sets import TrainSet, pairs_from_split, read_distilled_set
 from rdistill.eval.table import summarize_runs
 from rdistill.eval.train import RunJob, TrainSettings
+from rdistill.io.distilled import read_distilled_info
 from rdistill.io.fingerprint import fingerprint_urls
 from rdistill.io.karpathy import EvalData, load_eval_data, load_images
 from rdistill.io.outputs import (
@@ -204,11 +209,11 @@ def _text_side(ts: TrainSet, cache: FeatureCache, cfg: Config, protocol: Protoco
 def _settings(cfg: Config, protocol: Protocol, ts: TrainSet) -> TrainSettings:
     ev = cfg.evaluate
     learned = ts.info.get("students") or {}
+    soft = ""
     if learned.get("soft_labels"):
-        raise RunError(
-            f"{ts.path}: the set carries learned soft labels ({learned['soft_labels']}), which this "
-            "harness does not apply yet"
-        )
+        soft = str(learned.get("soft_label_loss") or "wbce")
+        if soft not in ("wbce", "bce", "infonce"):
+            raise RunError(f"{ts.path}: distilled.json students.soft_label_loss {soft!r} is not wbce, bce or infonce")
     lr_image = ev.lr_image or learned.get("lr_image") or protocol.lr
     lr_text = ev.lr_text or learned.get("lr_text") or protocol.lr
     return TrainSettings(
@@ -225,6 +230,7 @@ def _settings(cfg: Config, protocol: Protocol, ts: TrainSet) -> TrainSettings:
         head_dropout=ev.head_dropout,
         image_trainable=ev.image_trainable,
         eval_batch_size=ev.eval_batch_size,
+        soft_labels=soft,
     )
 
 
@@ -293,6 +299,9 @@ def _fingerprint_set(path: str) -> dict:
     files = [str(root / "manifest.parquet")] + sorted(str(p) for p in (root / "shards").glob("*.tar"))
     if (root / "distilled.json").exists():
         files.append(str(root / "distilled.json"))
+        soft = ((read_distilled_info(root).get("students") or {}).get("soft_labels")) or ""
+        if soft and (root / Path(soft).name).exists():
+            files.append(str(root / Path(soft).name))
     return {Path(f).relative_to(root).as_posix(): v for f, v in fingerprint_urls(files).items()}
 
 
@@ -474,6 +483,8 @@ def _run_evaluate(train, eval_data, out: Path, cfg: Config, eval_images, overwri
             evals[key] = {k: {**v, "text": _unit(v["text"]) if unit else v["text"]} for k, v in raw_eval.items()}
         eval_of[ts.name] = key
         train_arrays[ts.name] = {"train_images": ts.images, "pair_image": ts.pair_image, "train_text": feats}
+        if ts.soft_labels is not None:
+            train_arrays[ts.name]["soft_labels"] = ts.soft_labels
         settings = _settings(cfg, protocol, ts)
         workers = _workers(cfg, ts, device, executor)
         threads = max(1, int(ev.cpus_per_worker)) if device == "cpu" else 0
@@ -502,6 +513,8 @@ def _run_evaluate(train, eval_data, out: Path, cfg: Config, eval_images, overwri
                 "text_unit": unit,
                 "lr_image": settings.lr_image,
                 "lr_text": settings.lr_text,
+                "soft_labels": settings.soft_labels or None,
+                "image_tensors": ts.images.dtype != np.uint8,
                 "image_trainable": ev.image_trainable,
                 "workers": workers,
                 "run_ids": ids,

@@ -1,7 +1,10 @@
 """Training sets for the harness: a distilled set read from its shards, or pairs drawn from an eval train split.
 
-A :class:`TrainSet` holds decoded images once (``(n_img, S, S, 3) uint8``), the image of each pair, the captions
-and, when the set has them, its distilled text vectors (``.npy`` members), with the set's ``distilled.json``.
+A :class:`TrainSet` holds decoded images once (``(n_img, S, S, 3) uint8``, or, for a set whose ``distilled.json``
+says ``image.tensor``, its optimised images as ``(n_img, 3, S, S) float32`` tensors in the students' normalised
+pixel space, read from the ``KEY.f32.npy`` members without rounding), the image of each pair, the captions and,
+when the set has them, its distilled text vectors (``.npy`` members) and learned soft labels
+(``students.soft_labels``), with the set's ``distilled.json``.
 An image that cannot be decoded is skipped with its pairs and counted in ``TrainSet.skipped`` (a training set
 with a few broken files still trains); anything else unreadable is a :class:`DistilledError` naming the file and
 sample.
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rdistill.io.distilled import DistilledError, read_distilled_info
+from rdistill.io.distilled import TENSOR_EXT, DistilledError, read_distilled_info
 from rdistill.io.karpathy import IMAGE_EXTS, EvalDataError, EvalSplit, load_train_images
 
 log = logging.getLogger(__name__)
@@ -25,9 +28,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainSet:
-    """``images (n_img, S, S, 3) uint8``; ``pair_image (n,) int64``; ``captions`` n strings; ``vectors (n, d)
-    float32`` or None; ``kind``: distilled | random-subset | full-data; ``skipped``: images that could not be
-    decoded (``corrupt_images``) and the pairs left out with them (``pairs``)."""
+    """``images (n_img, S, S, 3) uint8`` (or ``(n_img, 3, S, S) float32`` normalised tensors); ``pair_image (n,)
+    int64``; ``captions`` n strings; ``vectors (n, d) float32`` or None; ``soft_labels (n, n) float32`` or None;
+    ``kind``: distilled | random-subset | full-data; ``skipped``: images that could not be decoded
+    (``corrupt_images``) and the pairs left out with them (``pairs``)."""
 
     name: str
     path: str
@@ -38,6 +42,7 @@ class TrainSet:
     captions: list[str]
     vectors: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    soft_labels: np.ndarray | None = None
     skipped: dict = field(default_factory=lambda: {"corrupt_images": 0, "pairs": 0})
 
     @property
@@ -55,6 +60,41 @@ def _resize(data: bytes, size: int, where: str) -> np.ndarray:
     except ValueError as e:
         raise DistilledError(f"{where}: image cannot be decoded ({e})") from None
     return np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.uint8)
+
+
+def _tensor_image(data: bytes, size: int, where: str) -> np.ndarray:
+    """A ``KEY.f32.npy`` member -> ``(3, size, size) float32`` (bicubic resize, as the PNGs are, when the size
+    differs)."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        cause = " ".join(str(e).split())
+        raise DistilledError(f"{where}: .{TENSOR_EXT} image tensor cannot be read ({cause})") from None
+    if arr.ndim != 3 or arr.shape[0] != 3 or arr.dtype.kind != "f" or not np.isfinite(arr).all():
+        raise DistilledError(f"{where}: .{TENSOR_EXT} is not a finite (3, S, S) float image ({arr.shape} {arr.dtype})")
+    arr = arr.astype(np.float32)
+    if arr.shape[1:] != (size, size):
+        import torch
+
+        t = torch.nn.functional.interpolate(torch.from_numpy(arr)[None], size=(size, size), mode="bicubic",
+                                            align_corners=False, antialias=True)  # fmt: skip
+        arr = t[0].numpy()
+    return arr
+
+
+def _soft_labels(root: Path, info: dict, kept: list[int], total: int) -> np.ndarray | None:
+    name = (info.get("students") or {}).get("soft_labels")
+    if not name:
+        return None
+    path = root / Path(str(name)).name
+    try:
+        sim = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DistilledError(f"{path}: the set's soft labels cannot be read ({' '.join(str(e).split())})") from None
+    if sim.shape != (total, total) or sim.dtype.kind != "f" or not np.isfinite(sim).all():
+        raise DistilledError(f"{path}: soft labels must be a finite ({total}, {total}) float matrix, got {sim.shape}")
+    idx = np.asarray(kept, dtype=np.int64)
+    return sim.astype(np.float32)[np.ix_(idx, idx)]
 
 
 def read_distilled_set(path: str | Path, image_size: int, name: str | None = None) -> TrainSet:
@@ -97,21 +137,28 @@ def read_distilled_set(path: str | Path, image_size: int, name: str | None = Non
                         found.setdefault(key, {})[ext.lower()] = tar.extractfile(m).read()
         except (tarfile.TarError, OSError) as e:
             raise DistilledError(f"{tar_path}: not a readable tar ({e})") from None
-    images, captions, vectors, corrupt = [], [], [], []
-    for k, s in zip(keys, shards):
+    tensors = bool((info.get("image") or {}).get("tensor"))
+    images, captions, vectors, corrupt, kept = [], [], [], [], []
+    for row, (k, s) in enumerate(zip(keys, shards)):
         members = found.get(k)
         where = f"{root / 'shards' / Path(s).name}: sample {k}"
         if members is None:
             raise DistilledError(f"{where}: not in the shard")
-        ext = next((e for e in IMAGE_EXTS if e in members), None)
-        if ext is None:
-            raise DistilledError(f"{where}: no image member ({', '.join(IMAGE_EXTS)})")
-        try:
-            image = _resize(members[ext], image_size, where)
-        except DistilledError as e:
-            corrupt.append(str(e))
-            continue
+        if tensors:
+            if TENSOR_EXT not in members:
+                raise DistilledError(f"{where}: no .{TENSOR_EXT} image tensor (distilled.json says image.tensor)")
+            image = _tensor_image(members[TENSOR_EXT], image_size, where)
+        else:
+            ext = next((e for e in IMAGE_EXTS if e in members), None)
+            if ext is None:
+                raise DistilledError(f"{where}: no image member ({', '.join(IMAGE_EXTS)})")
+            try:
+                image = _resize(members[ext], image_size, where)
+            except DistilledError as e:
+                corrupt.append(str(e))
+                continue
         images.append(image)
+        kept.append(row)
         captions.append(members.get("txt", b"").decode("utf-8", errors="replace").strip())
         if "npy" in members:
             try:
@@ -142,6 +189,7 @@ def read_distilled_set(path: str | Path, image_size: int, name: str | None = Non
         np.arange(len(images), dtype=np.int64),
         captions,
         np.stack(vectors) if vectors else None,
+        soft_labels=_soft_labels(root, info, kept, len(keys)),
         skipped={"corrupt_images": len(corrupt), "pairs": len(corrupt)},
     )
 

@@ -9,6 +9,11 @@ The loop is the authors' ``evaluate_synset_with_similarity`` (junhyeok9712/PDS `
   multiplied by ``decay_factor`` from pass ``decay_epoch`` on (the reference's ``MultiStepLR``);
 * after passes ``0, eval_every, ..., E``: IR/TR@1/5/10 on the val and test splits (:mod:`rdistill.algo.recall`).
 
+A set with learned similarity labels (LoRS: ``data["soft_labels"] (n, n)``, ``TrainSettings.soft_labels`` the loss)
+trains with :func:`soft_label_loss` of each batch's logits against the labels' batch submatrix instead of InfoNCE,
+as LoRS's ``evaluate_synset_with_similarity`` does. Training images are ``(n, S, S, 3) uint8`` (normalised here) or
+a distilled set's optimised ``(n, 3, S, S) float32`` tensors, already normalised (:func:`model_input`).
+
 Unlike the reference, the epoch is not chosen here: the run returns its whole curve, and
 :func:`rdistill.eval.table.select_epoch` picks an epoch from the val numbers (or, on request, the test numbers).
 
@@ -55,6 +60,7 @@ class TrainSettings:
     head_dropout: float = 0.1
     image_trainable: bool = True
     eval_batch_size: int = 256
+    soft_labels: str = ""  # the loss on a set's learned similarity labels (LoRS: wbce); "": InfoNCE on pairs
 
     def eval_epochs(self) -> list[int]:
         return sorted(set(range(0, self.epochs + 1, self.eval_every)) | {self.epochs})
@@ -115,6 +121,41 @@ class Comm:
             offset += t.numel()
 
 
+def model_input(images: np.ndarray, rows, device: str):
+    """The student's input for ``images[rows]``: ``(n, S, S, 3) uint8`` images are CLIP-normalised here; float
+    images (a distilled set's optimised pixels, ``(n, 3, S, S) float32``) are already in that space."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images[rows])).to(device)
+    return normalize_images(x) if x.dtype == torch.uint8 else x.float()
+
+
+def soft_label_loss(logits, soft, kind: str = "wbce"):
+    """The students' loss against learned similarity labels (LoRS, ``MultilabelContrastiveLoss`` of
+    silicx/LoRS_Distill ``src/similarity_mining.py:91``): ``logits (b, b)`` (cosine / temperature), ``soft (b, b)`` the
+    similarity matrix restricted to the batch. ``wbce``: binary cross-entropy of ``sigmoid(logits)`` against the
+    labels, averaged separately over the positive (label > 0.5) and the negative entries, then the mean of the two;
+    ``bce``: plain mean BCE; ``infonce``: the symmetric cross-entropy against the label rows (not renormalised, as
+    LoRS's "InfoNCE" option)."""
+    import torch
+
+    soft = soft.to(logits.dtype)
+    if kind in ("wbce", "bce"):
+        p = torch.sigmoid(logits)
+        per = -soft * torch.log(p + 1e-6) - (1 - soft) * torch.log(1 - p + 1e-6)  # the authors' eps
+        if kind == "bce":
+            return per.mean()
+        pos = (soft > 0.5).detach()
+        loss_pos = torch.where(pos, per, torch.zeros_like(per)).sum() / (pos.sum() + 1e-6)
+        loss_neg = torch.where(~pos, per, torch.zeros_like(per)).sum() / ((~pos).sum() + 1e-6)
+        return (loss_pos + loss_neg) / 2
+    if kind == "infonce":
+        li = -(soft * torch.log_softmax(logits, 1)).sum(1).mean()
+        lt = -(soft.t() * torch.log_softmax(logits.t(), 1)).sum(1).mean()
+        return (li + lt) / 2
+    raise ValueError(f"unknown soft-label loss {kind!r} (wbce, bce, infonce)")
+
+
 def _encode_images(model, images: np.ndarray, rows: np.ndarray, batch: int, device: str):
     """Image features of ``images[rows]`` in eval mode, ``(len(rows), dim) float32`` torch on ``device``."""
     import torch
@@ -122,8 +163,7 @@ def _encode_images(model, images: np.ndarray, rows: np.ndarray, batch: int, devi
     out = []
     with torch.no_grad():
         for i in range(0, len(rows), batch):
-            x = torch.from_numpy(np.ascontiguousarray(images[rows[i : i + batch]])).to(device)
-            out.append(model(normalize_images(x)).float())
+            out.append(model(model_input(images, rows[i : i + batch], device)).float())
     if not out:
         return torch.zeros((0, 1), device=device)
     return torch.cat(out)
@@ -192,6 +232,11 @@ def _train_run(job: RunJob, data: dict, comm: Comm | None) -> dict:
     head = projection_head(text.shape[1], dim, s.head_dropout).to(device)
     model = model.to(device)
     images, pair_image = data["train_images"], np.asarray(data["pair_image"], np.int64)
+    soft = None
+    if s.soft_labels:
+        if data.get("soft_labels") is None:
+            raise ValueError(f"{job.run_id}: settings ask for soft labels ({s.soft_labels}) but the data has none")
+        soft = torch.from_numpy(np.asarray(data["soft_labels"], dtype=np.float32)).to(device)
     n = len(pair_image)
     world = 1 if comm is None else comm.world
     frozen_train = frozen_eval = None
@@ -232,8 +277,7 @@ def _train_run(job: RunJob, data: dict, comm: Comm | None) -> dict:
                 img = frozen_train[torch.from_numpy(pair_image[ids]).to(device)]
             else:
                 mine = np.array_split(ids, world)[0 if comm is None else comm.rank]
-                x = torch.from_numpy(np.ascontiguousarray(images[pair_image[mine]])).to(device)
-                local = model(normalize_images(x)).float()
+                local = model(model_input(images, pair_image[mine], device)).float()
                 if world > 1:
                     parts = comm.gather(local.detach().contiguous())
                     parts[comm.rank] = local  # the gradient flows through this rank's own slice only
@@ -241,7 +285,13 @@ def _train_run(job: RunJob, data: dict, comm: Comm | None) -> dict:
                 else:
                     img = local
             txt = head(text[torch.from_numpy(ids).to(device)])
-            loss = info_nce(img, txt, s.temperature)
+            if soft is not None:
+                sel = torch.from_numpy(ids).to(device)
+                img_n = torch.nn.functional.normalize(img, dim=1)
+                txt_n = torch.nn.functional.normalize(txt, dim=1)
+                loss = soft_label_loss(img_n @ txt_n.t() / s.temperature, soft[sel][:, sel], s.soft_labels)
+            else:
+                loss = info_nce(img, txt, s.temperature)
             opt.zero_grad(set_to_none=False)
             loss.backward()
             if world > 1:

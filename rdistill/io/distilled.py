@@ -3,15 +3,19 @@
 A distilled set (PDS synthesis, a coreset, a real subset, another method's output converted) is
 
     DIR/shards/*.tar          KEY.png|jpg|... (image), KEY.txt (caption), optional KEY.npy (text vector, float32),
+                              optional KEY.f32.npy (the image as a ``(3, S, S) float32`` tensor in the students'
+                              CLIP-normalised pixel space: an optimised image, of which the PNG is a preview),
                               KEY.json (per-sample provenance)
+    DIR/soft_labels.npy       optional ``(M, M) float32`` learned similarity labels, rows in manifest order
     DIR/manifest.parquet      one row per pair, in set order: at least ``key`` and ``shard`` (the tar's file name)
     DIR/distilled.json        what the set is, written by :func:`write_distilled_json`:
 
     {"format": 1, "method": "pds" | "coreset:herding" | ..., "count": M,
      "text": {"space": "clip:ViT-L-14/openai" | "bert:bert-base-uncased" | "none", "vectors": "npy" | null,
               "normalized": true, "dim": 768},
-     "image": {"format": "png", "size": 224},
-     "students": {"lr_image": null, "lr_text": null, "soft_labels": null},
+     "image": {"format": "png", "size": 224, "tensor": null | "f32.npy"},
+     "students": {"lr_image": null, "lr_text": null, "soft_labels": null | "soft_labels.npy",
+                  "soft_label_loss": null | "wbce"},
      "source": {...}}
 
 ``text.space`` names the encoder whose space the ``.npy`` vectors live in (``none``: captions only; the harness
@@ -19,7 +23,9 @@ then encodes the captions itself); ``normalized`` says whether they are means of
 outputs (LoRS's BERT features). ``students`` is what a method learned for its students, applied by the evaluation
 harness as follows: ``lr_image`` / ``lr_text`` become the SGD learning rates of the image backbone and text head
 unless ``evaluate.lr_image`` / ``evaluate.lr_text`` are set; ``soft_labels`` (a file in DIR holding an ``(M, M)``
-similarity matrix, as LoRS learns) is refused for now with a message saying so.
+similarity matrix, as LoRS learns) makes the students train with ``soft_label_loss`` (LoRS's weighted BCE of the
+logits against the labels of each batch, :func:`rdistill.eval.train.soft_label_loss`) instead of InfoNCE. With
+``image.tensor`` set, the harness trains on the ``KEY.f32.npy`` tensors (no 8-bit rounding), not on the previews.
 
 :func:`read_distilled_info` reads the file, and for a set without one (written before it existed) falls back on
 what the synthesis stage's run records say (synthesize.json -> prototypes.json -> the store's embed.json), else on
@@ -38,6 +44,8 @@ log = logging.getLogger(__name__)
 
 DISTILLED_JSON = "distilled.json"
 FORMAT = 1
+TENSOR_EXT = "f32.npy"  # the member of an image stored as a float tensor
+SOFT_LABELS = "soft_labels.npy"
 
 
 class DistilledError(InputError, ValueError):
@@ -54,9 +62,11 @@ def distilled_info(
     text_dim: int | None = None,
     image_format: str = "png",
     image_size: int | None = None,
+    image_tensor: str | None = None,
     lr_image: float | None = None,
     lr_text: float | None = None,
     soft_labels: str | None = None,
+    soft_label_loss: str | None = None,
     source: dict | None = None,
 ) -> dict:
     """The ``distilled.json`` document (see the module docstring)."""
@@ -70,8 +80,13 @@ def distilled_info(
             "normalized": bool(text_normalized),
             "dim": None if text_dim is None else int(text_dim),
         },
-        "image": {"format": image_format, "size": image_size},
-        "students": {"lr_image": lr_image, "lr_text": lr_text, "soft_labels": soft_labels},
+        "image": {"format": image_format, "size": image_size, "tensor": image_tensor},
+        "students": {
+            "lr_image": lr_image,
+            "lr_text": lr_text,
+            "soft_labels": soft_labels,
+            "soft_label_loss": soft_label_loss if soft_labels else None,
+        },
         "source": source or {},
     }
 
@@ -171,7 +186,8 @@ def write_distilled_set(
 ) -> list[dict]:
     """Write a set in the distilled format into ``out_dir``: ``samples`` is an iterable of dicts with ``key``,
     ``image`` (encoded bytes), ``ext`` (``png``, ``jpg``, ...), ``caption``, optional ``npy`` (``(d,) float32``
-    text vector) and ``meta`` (a JSON-able dict: the ``KEY.json`` member and extra manifest columns). Shards of
+    text vector), optional ``tensor`` (the image as ``(3, S, S) float32``, member ``KEY.f32.npy``) and ``meta`` (a
+    JSON-able dict: the ``KEY.json`` member and extra manifest columns). Shards of
     ``shard_size`` samples, each written atomically; then ``manifest.parquet`` and ``distilled.json`` (``info``:
     the keyword arguments of :func:`distilled_info`; ``count`` is filled in). Returns the manifest rows."""
     import io
@@ -203,6 +219,10 @@ def write_distilled_set(
                     buf = io.BytesIO()
                     np.save(buf, np.asarray(s["npy"], dtype=np.float32))
                     add(tar, f"{s['key']}.npy", buf.getvalue())
+                if s.get("tensor") is not None:
+                    buf = io.BytesIO()
+                    np.save(buf, np.asarray(s["tensor"], dtype=np.float32))
+                    add(tar, f"{s['key']}.{TENSOR_EXT}", buf.getvalue())
                 add(tar, f"{s['key']}.json", json.dumps(s.get("meta") or {}).encode())
         for s in pending:
             extra = {k: v for k, v in (s.get("meta") or {}).items() if isinstance(v, int | float | str)}
