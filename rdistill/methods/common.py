@@ -43,6 +43,23 @@ def config_section(method: str) -> str:
     return method.replace("-", "_")
 
 
+def settings_from_config(cls, cfg, section: str, shared_keys: tuple[str, ...]):
+    """A method's settings dataclass ``cls`` from ``cfg.distill.<section>`` (same field names): fields the section
+    lacks keep ``cls``'s defaults, and ``shared_keys`` absent or 0 there take ``distill.*``'s."""
+    import dataclasses
+
+    shared = getattr(cfg, "distill", None)
+    sec = getattr(shared, section, None)
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(sec, f.name, None) if sec is not None else None
+        if f.name in shared_keys and not value:
+            value = getattr(shared, f.name, None) if shared is not None else None
+        if value is not None:
+            values[f.name] = value
+    return cls(**values)
+
+
 def load_method(method: str) -> Callable:
     """The ``run`` function of ``method`` (imported on demand)."""
     import importlib

@@ -75,16 +75,9 @@ class MDMSettings:
     def from_config(cls, cfg) -> MDMSettings:
         """The ``distill.mdm`` section of a :class:`rdistill.config.Config` (same field names); fields it lacks
         keep the defaults here; ``checkpoint_every`` / ``log_every`` absent or 0 there take ``distill.*``'s."""
-        shared = getattr(cfg, "distill", None)
-        section = getattr(shared, "mdm", None)
-        values = {}
-        for f in dataclasses.fields(cls):
-            value = getattr(section, f.name, None) if section is not None else None
-            if f.name in SHARED_KEYS and not value:
-                value = getattr(shared, f.name, None) if shared is not None else None
-            if value is not None:
-                values[f.name] = value
-        return cls(**values)
+        from rdistill.methods.common import settings_from_config
+
+        return settings_from_config(cls, cfg, "mdm", SHARED_KEYS)
 
 
 # ------------------------------------------------------------------------------------------------------ the loss
