@@ -87,13 +87,17 @@ class RealPairs:
 
 
 def _shard_split(spec: str, cfg: Config):
-    """WebDataset shards -> an :class:`rdistill.io.karpathy.EvalSplit` of one pair per sample (bytes in memory)."""
+    """WebDataset shards -> an :class:`rdistill.io.karpathy.EvalSplit` of one pair per sample (bytes in memory), and
+    the samples the shards' reader skipped, by reason (``no_caption``, ``empty_shard``, ...)."""
+    from collections import Counter
+
     from rdistill.io.karpathy import EvalSplit
     from rdistill.io.shards import SampleFormat, ShardStats, iter_samples, resolve_shards
 
     urls = resolve_shards(spec)
     fmt = SampleFormat.from_config(cfg.embed)
     names, captions, data = [], [], []
+    skipped: Counter = Counter()
     for url in urls:
         stats = ShardStats()
         for s in iter_samples(url, fmt, stats, retries=cfg.embed.shard_retries):
@@ -102,9 +106,10 @@ def _shard_split(spec: str, cfg: Config):
             data.append(s.image)
         if stats.skipped:
             log.info("%s: skipped %s", url, dict(stats.skipped))
+            skipped.update(stats.skipped)
     if not names:
         raise RunError(f"{spec}: no samples with an image and a caption in {len(urls)} shards")
-    return EvalSplit("train", spec, names, captions, np.arange(len(names), dtype=np.int64), data=data)
+    return EvalSplit("train", spec, names, captions, np.arange(len(names), dtype=np.int64), data=data), dict(skipped)
 
 
 def load_real_pairs(spec: str, images_dir: str | None, cfg: Config) -> RealPairs:
@@ -113,14 +118,15 @@ def load_real_pairs(spec: str, images_dir: str | None, cfg: Config) -> RealPairs
     from rdistill.io.karpathy import read_karpathy
 
     d = cfg.distill
+    read_skipped: dict = {}
     if spec.endswith(".json"):
         data = read_karpathy(spec, images_dir)
         split = data.require("train", "the distillation trains on it")
     else:
-        split = _shard_split(spec, cfg)
+        split, read_skipped = _shard_split(spec, cfg)
     cap = d.max_real_pairs if 0 < d.max_real_pairs < len(split.captions) else None
     ts = pairs_from_split(split, d.image_size, "real", "real", pairs=cap, seed=cfg.seed)
-    return RealPairs(spec, ts.images, ts.pair_image, ts.captions, ts.skipped)
+    return RealPairs(spec, ts.images, ts.pair_image, ts.captions, {**read_skipped, **ts.skipped})
 
 
 def _digest(*parts) -> str:
@@ -423,6 +429,7 @@ def _distill(method, spec, out, work, cfg, images_dir, t0) -> dict:
         "output": str(out),
         "pairs": len(rows_written),
         "real_pairs": int(len(pairs.pair_image)),
+        "skipped": pairs.skipped,
         "text_space": space,
         "device": device,
         "lr_image": syn.lr_image,
@@ -448,6 +455,9 @@ def print_summary(summary: dict) -> None:
         loss = f", loss {first['loss']:.4g} (iteration {first['iteration']}) -> {last['loss']:.4g} " \
                f"(iteration {last['iteration']})"  # fmt: skip
     print(f"{summary['method']}: {summary['pairs']} pairs from {summary['real_pairs']} real ones{loss}")
+    skipped = {k: v for k, v in (summary.get("skipped") or {}).items() if v}
+    if skipped:
+        print("skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
     print(f"distilled set: {summary['output']} ({summary['seconds']['total']:.1f} s)")
 
 

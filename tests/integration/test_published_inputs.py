@@ -187,3 +187,21 @@ def test_job_on_img2dataset_shards(ray_local, img2dataset_output, tmp_path):
         with tarfile.open(path) as tar:
             images += [n for n in tar.getnames() if n.endswith(".png")]
     assert len(images) == m
+
+
+def test_distill_on_img2dataset_shards(img2dataset_output, tmp_path):
+    """``rdistill.distill --input`` on img2dataset's shards: the good samples are the real pairs, and what the shards
+    could not give is counted (no caption, the empty tar, the undecodable images) in the summary."""
+    from rdistill.methods.driver import main as distill_main
+
+    root, good_keys = img2dataset_output
+    out = tmp_path / "distilled"
+    argv = ["--config", DEMO, "--method", "covmatch", "--input", str(root), "--num-pairs", "4", "--output", str(out),
+            "--quiet", "--set", "distill.covmatch.iterations=2", "--set", "distill.write_init=false"]  # fmt: skip
+    assert distill_main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == {"no_caption": GOOD_SHARDS * len(NO_CAPTION), "empty_shard": 1,
+                                  "corrupt_images": CORRUPT, "pairs": CORRUPT}, summary["skipped"]  # fmt: skip
+    assert summary["real_pairs"] == len(good_keys)
+    manifest = pq.read_table(out / "manifest.parquet")
+    assert manifest.num_rows == 4
