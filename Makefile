@@ -31,8 +31,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/python -m rdistill.pds --config configs/demo.yaml --output demo-output
 
+# two pytest workers, a test file each at a time: most of the suite's wall time is waiting on Ray (clusters starting,
+# jobs submitted), which the other worker's tests fill; every Ray instance a test starts picks its own ports
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q --durations=20
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rdistill tests && $(VENV)/bin/ruff format --check rdistill tests

@@ -3,6 +3,12 @@ import os
 # Every Ray instance the tests start (ray.init, ray.cluster_utils.Cluster, the job subprocesses) binds loopback,
 # never the machine's network address
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Under pytest-xdist (make test: two workers) each worker's Ray instances live in a temp root of their own: a
+# cluster a test starts (ray.cluster_utils.Cluster, ray start) records its address in RAY_TMPDIR/ray, and a bare
+# ray.init() (a stage run in a subprocess) joins the cluster recorded there, which must not be the other worker's.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["RAY_TMPDIR"] = f"/tmp/rdistill-tests-{os.environ['PYTEST_XDIST_WORKER']}"
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
 import numpy as np
 import pytest

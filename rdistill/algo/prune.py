@@ -43,6 +43,19 @@ class PruneCut:
         return (sims > cut) | ((sims == cut) & (rows > self.row_cut))
 
 
+def level_histogram(sims: np.ndarray, num_bins: int, low_bits: int, coarse_bin: int | None = None) -> np.ndarray:
+    """One level of the histogram over [-1, 1] in ``num_bins`` fine bins, counted ``2**low_bits`` fine bins at a time:
+    with ``coarse_bin`` None, the ``(num_bins >> low_bits,)`` int64 counts of the coarse bins (fine bin >>
+    ``low_bits``); else the ``(2**low_bits,)`` counts of the fine bins inside coarse bin ``coarse_bin``. Two small
+    partials per part instead of one of ``num_bins`` counts; the fine bin they find is the one
+    :func:`sims_histogram` would (the cut is the same)."""
+    f = _bins(sims, num_bins)
+    if coarse_bin is None:
+        return np.bincount(f >> low_bits, minlength=num_bins >> low_bits).astype(np.int64)
+    inside = f[(f >> low_bits) == coarse_bin]
+    return np.bincount(inside & ((1 << low_bits) - 1), minlength=1 << low_bits).astype(np.int64)
+
+
 def sims_histogram(sims: np.ndarray, num_bins: int = 1 << 20) -> np.ndarray:
     """(num_bins,) int64 counts of valid float32 cosines in equal-width bins over [-1, 1]: one partial of the
     histogram pass, summed over blocks or parts in any order."""

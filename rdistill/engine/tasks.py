@@ -13,7 +13,7 @@ import numpy as np
 
 from rdistill.algo.cells import CellMeans, CellPlan, CellSums
 from rdistill.algo.kmeans import flat_index, nearest_centroid
-from rdistill.algo.prune import PruneCut, pair_similarity, rows_in_bin, sims_histogram
+from rdistill.algo.prune import PruneCut, level_histogram, pair_similarity, rows_in_bin
 from rdistill.algo.retrieval import NearestRows
 from rdistill.config import Config
 from rdistill.io.outputs import atomic_path
@@ -125,10 +125,12 @@ def sample_shard(spec: dict) -> tuple[np.ndarray, int]:
     return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32), spec["offset"]
 
 
-def histogram_part(part: Part, *, work: str, num_bins: int) -> np.ndarray:
-    """The prune histogram of ``part``'s valid cosines (from its spill)."""
+def histogram_part(part: Part, coarse_bin: int | None = None, *, work: str, num_bins: int,
+                   low_bits: int) -> np.ndarray:  # fmt: skip
+    """One level of the prune histogram of ``part``'s valid cosines (from its spill):
+    :func:`rdistill.algo.prune.level_histogram`."""
     s = _load(work, "sims", part.index)
-    return sims_histogram(s[~np.isnan(s)], num_bins)
+    return level_histogram(s[~np.isnan(s)], num_bins, low_bits, coarse_bin)
 
 
 def cut_bin_part(part: Part, b: int, *, work: str, num_bins: int) -> tuple[np.ndarray, np.ndarray]:

@@ -200,11 +200,18 @@ class MethodContext:
     def experts(self) -> list[list[dict]]:
         """Expert trajectories: per expert, the state dicts after epochs ``0..E`` (epoch 0: the initialisation),
         each ``{"image": state_dict, "text": state_dict}`` of :meth:`image_student` / :meth:`text_head`. Trained
-        on first call (Ray Train runs, :mod:`rdistill.methods.experts`) and cached on disk."""
+        on first call (Ray Train runs, :mod:`rdistill.methods.experts`) and cached on disk; the torch, numpy and
+        python random states are the same after the call whether they were trained or loaded."""
         if self._experts is None:
             if self._experts_fn is None:
                 raise RuntimeError("this context has no expert trajectories (no experts_fn)")
-            self._experts = self._experts_fn()
+            # training them (first use) seeds and draws from the global generators: a method's result must not
+            # depend on whether its experts were cached, so they come back as they were
+            states = rng_states()
+            try:
+                self._experts = self._experts_fn()
+            finally:
+                set_rng_states(states)
         return self._experts
 
     # ---------------------------------------------------------------------------------------------- checkpoints

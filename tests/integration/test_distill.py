@@ -63,11 +63,16 @@ EVAL = [
 SEEDS = (0, 1, 2)
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy-distill")
+def make_toy(tmp_path_factory, name: str) -> dict:
+    """The tests' toy world: 40 training images (200 pairs), 30 val and 60 test images, 16 px."""
+    root = tmp_path_factory.mktemp(name)
     path = write_toy_karpathy(root / "data", {"train": 40, "val": 30, "test": 60}, seed=3, size=16)
     return {"json": path, "root": root, "experts": root / "experts"}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_toy(tmp_path_factory, "toy-distill")
 
 
 def _cfg(toy, method, seed, extra=()):

@@ -49,11 +49,15 @@ def test_tasks_run_on_both_workers_and_equal_the_local_executor(cluster_run):
     out, res = cluster_run
     workers = set(res["worker_ids"][:2])  # the third joined later, for the k-means loss
     assert res["local"]["executor"] == "local" and res["ray"]["executor"] == "ray"
+    used = set()
     for step in ("scan", "assign", "prototypes", "captions"):
         nodes = res["ray"]["steps"][step]["nodes"]
-        assert set(nodes) == workers and sum(nodes.values()) == 8, (step, nodes)  # 8 parts, both workers
+        assert set(nodes) <= workers and sum(nodes.values()) == 8, (step, nodes)  # 8 parts, on the workers only
         assert res["ray"]["steps"][step]["bytes_read"] > 0
-    assert sum(res["ray"]["steps"]["prune"]["nodes"].values()) == 16  # histogram and cut tasks, 8 parts each
+        used |= set(nodes)
+    # SPREAD is best effort per step (under load a node slow to start a worker may miss one), not over the run
+    assert used == workers
+    assert sum(res["ray"]["steps"]["prune"]["nodes"].values()) == 24  # 2 histogram levels and the cut, 8 parts each
     assert set(res["ray"]["steps"]["cluster"]["nodes"]) == workers  # a k-means actor on each worker
     assert res["ray"]["kmeans"]["image"]["shards"] == 5 and res["ray"]["kmeans"]["image"]["restarts"] == 0
     # faiss's BLAS kernel, chosen in each worker from its own CPU, as the driver's

@@ -86,3 +86,28 @@ def test_experts_are_stored_by_what_they_were_trained_from_and_reused(tmp_path):
     assert experts_key(_record(settings={**dataclasses.asdict(SETTINGS), "epochs": 4})) != experts_key(_record())
     # the count is not part of the key
     assert experts_key(_record(settings={**dataclasses.asdict(SETTINGS), "num_experts": 9})) == experts_key(_record())
+
+
+def test_the_random_states_after_experts_do_not_depend_on_whether_they_were_trained(tmp_path):
+    """A method seeds torch, then asks for its experts, then draws its students' inits: training the experts on
+    first use (which seeds and draws) must leave the generators as loading them from the cache does."""
+    import random
+
+    import numpy as np
+
+    from rdistill.methods.common import MethodContext
+
+    torch.set_num_threads(1)
+    kw = dict(text_dim=12, head_dropout=0.0, settings=SETTINGS, seed=0, executor="local")
+
+    def draws_after_experts():
+        ctx = MethodContext.__new__(MethodContext)
+        ctx._experts = None
+        ctx._experts_fn = lambda: load_or_train_experts(tmp_path, _record(), _data(), SPEC, **kw)[0]
+        torch.manual_seed(5), np.random.seed(5), random.seed(5)
+        ctx.experts()
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()
+
+    trained = draws_after_experts()  # first call: the experts are trained
+    loaded = draws_after_experts()  # second: read from the cache
+    assert trained == loaded

@@ -42,3 +42,22 @@ def test_pair_similarity_is_rowwise_dot():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2, 30, 8)).astype(np.float32)
     np.testing.assert_allclose(pair_similarity(a, b), [x @ y for x, y in zip(a, b)], rtol=1e-5)
+
+
+def test_two_histogram_levels_find_the_bin_of_the_full_histogram():
+    """The engine's prune pass: coarse counts, then the fine counts inside the coarse bin of the cut, give the fine
+    bin (and the count below it) that one histogram of all fine bins gives."""
+    from rdistill.algo.prune import cut_bin, level_histogram, sims_histogram
+
+    rng = np.random.default_rng(4)
+    sims = np.concatenate([rng.normal(0.3, 0.02, 50_000), rng.normal(-0.2, 0.1, 5_000)]).astype(np.float32)
+    parts = np.array_split(sims, 7)
+    num_bins, low = 1 << 16, 6
+    for ratio in (0.01, 0.2, 0.5, 0.9):
+        n_drop = int(ratio * sims.size)
+        full = cut_bin(sum(sims_histogram(p, num_bins) for p in parts), sims.size, n_drop)
+        cb, below = cut_bin(sum(level_histogram(p, num_bins, low) for p in parts), sims.size, n_drop)
+        fine = sum(level_histogram(p, num_bins, low, cb) for p in parts)
+        sub, below_in = cut_bin(fine, int(fine.sum()), n_drop - below)
+        assert ((cb << low) + sub, below + below_in) == full, ratio
+        assert all(level_histogram(p, num_bins, low).size == num_bins >> low for p in parts)
