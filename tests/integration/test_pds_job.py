@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,12 +43,21 @@ def _free_ports(n):
     return ports
 
 
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it exited on its own
+        pass
+
+
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head():
     """A Ray head on loopback with its job server, in its own process group: stopping it with `ray stop` would
     also stop the test session's own Ray instance (and this process with it)."""
     ray = _ray_bin()
-    temp = tmp_path_factory.mktemp("ray")
+    # a short temp root: Ray's unix sockets live under it, and a socket path may not pass 107 bytes (pytest's temp
+    # paths under xdist, .../popen-gw1/ray0/session_<date>_<pid>/sockets/..., come close)
+    temp = Path(tempfile.mkdtemp(prefix="rdray-", dir="/tmp"))
     # the job's `python` must be this environment's, as after `source .venv/bin/activate` (jobs/README.md)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
@@ -65,15 +75,16 @@ def head(tmp_path_factory):
     deadline = time.time() + 120
     while subprocess.run([ray, "job", "list", "--address", address], env=env, capture_output=True).returncode:
         if time.time() > deadline or proc.poll() is not None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("ray start --head did not come up")
+            _kill_group(proc)
+            pytest.fail(f"ray start --head did not come up (exit status {proc.poll()}; logs in {temp})")
         time.sleep(2)
     yield {"address": address, "env": env, "ray": ray}
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +108,8 @@ def multinode(tmp_path_factory):
     while not ready.exists() or subprocess.run([ray, "job", "list", "--address", address], env=env,
                                                capture_output=True).returncode:  # fmt: skip
         if time.time() > deadline or proc.poll() is not None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("the local cluster with a job server did not come up")
+            _kill_group(proc)
+            pytest.fail(f"the local cluster with a job server did not come up (exit status {proc.poll()})")
         time.sleep(2)
     yield {"address": address, "env": env, "ray": ray, "workers": json.loads(ready.read_text())["workers"]}
     os.killpg(proc.pid, signal.SIGTERM)
