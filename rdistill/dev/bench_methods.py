@@ -250,9 +250,12 @@ def _run_child(args, *what) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+TRAJECTORY = ("mtt-vl", "tesla-vl", "lors")
+
+
 def variants(args, method: str) -> list[tuple[str, int, int]]:
     """(key, unrolled steps R (0: n/a), batch override (0: the published one)) of each measurement of ``method``."""
-    if method in ("mtt-vl", "tesla-vl", "lors"):
+    if method in TRAJECTORY:
         b = args.mtt_batch if method == "mtt-vl" else 0
         return [(f"R{r}" + (f"-b{b}" if b else ""), r, b) for r in (1, 2)]
     if method == "covmatch":
@@ -265,18 +268,51 @@ def _line(x1: float, y1: float, x2: float, y2: float, x: float) -> float:
     return y1 + (x - x1) * (y2 - y1) / (x2 - x1)
 
 
-def published_iterations(cfg, method: str, m: int) -> int:
-    if method in ("mtt-vl", "tesla-vl", "lors"):
+def published(cfg, method: str, m: int) -> tuple[int, int | None, int]:
+    """(iterations, unrolled steps R or None, batch) of ``method``'s published settings for ``m`` pairs; the batch
+    is the trajectory methods' synthetic mini-batch, the others' real batch."""
+    if method in TRAJECTORY:
         from rdistill.methods.trajectory import resolve_settings
 
-        return resolve_settings(cfg, method, m).iterations
+        st = resolve_settings(cfg, method, m)
+        return st.iterations, st.syn_steps, st.mini_batch
     if method == "covmatch":
         from rdistill.methods.covmatch import CovMatchSettings
 
-        return CovMatchSettings.from_config(cfg).resolved(m).iterations
+        st = CovMatchSettings.from_config(cfg).resolved(m)
+        return st.iterations, None, st.batch_real
     from rdistill.methods.mdm import MDMSettings
 
-    return MDMSettings.from_config(cfg).iterations
+    st = MDMSettings.from_config(cfg)
+    return st.iterations, None, st.batch_real
+
+
+def iteration_cost(args, method: str, got: dict, r_pub: int | None, b_pub: int) -> tuple[float, float, str] | None:
+    """(seconds, peak RSS MB, how it was found) of one iteration at the published settings, from the measurements
+    ``got`` (key -> result); None when one it needs is missing."""
+    (k1, _, b1), *rest = variants(args, method)
+    if k1 not in got:
+        return None
+    a = got[k1]
+    if method in TRAJECTORY:
+        scale = b_pub / b1 if b1 else 1.0  # a step's cost grows with its batch: scale the per-step increment
+        if rest[0][0] not in got:  # R=2 did not fit (the full unroll): R steps at R=1's cost each
+            how = f"R=1 at batch {b1 or b_pub} x {r_pub} steps x {scale:g}; R=2 did not fit in "
+            how += f"{args.memory_limit_gb:g} GB"
+            return r_pub * a["iteration_s"] * scale, float("nan"), how
+        c = got[rest[0][0]]
+        step_s, step_mb = c["iteration_s"] - a["iteration_s"], c["peak_rss_mb"] - a["peak_rss_mb"]
+        per_it = a["iteration_s"] + (r_pub - 1) * step_s * scale
+        peak = a["peak_rss_mb"] - step_mb + r_pub * step_mb * scale
+        return per_it, peak, f"R=1,2 at batch {b1 or b_pub} -> R={r_pub}, batch {b_pub}"
+    if method == "covmatch":
+        (k2, _, b2) = rest[0]
+        if k2 not in got:
+            return None
+        c = got[k2]
+        per_it = _line(b1, a["iteration_s"], b2, c["iteration_s"], b_pub)
+        return per_it, _line(b1, a["peak_rss_mb"], b2, c["peak_rss_mb"], b_pub), f"real batch {b1},{b2} -> {b_pub}"
+    return a["iteration_s"], a["peak_rss_mb"], "measured"
 
 
 def summarise(args, res: dict) -> dict:
@@ -298,56 +334,17 @@ def summarise(args, res: dict) -> dict:
     pds_s = embed_s + engine_s + decode_s
     rows = {}
     for method, runs in res.get("methods", {}).items():
-        iters = published_iterations(cfg, method, m)
-        got = {k: v for k, v in runs.items() if "iteration_s" in v}
-        keys = [k for k, _, _ in variants(args, method)]
-        if method in ("mtt-vl", "tesla-vl", "lors") and keys[0] in got and keys[1] not in got:
-            # R=2 did not fit (the full unroll): R steps at R=1's cost each, scaled by the batch
-            from rdistill.methods.trajectory import resolve_settings
-
-            st, b = resolve_settings(cfg, method, m), variants(args, method)[0][2]
-            scale = st.mini_batch / b if b else 1.0
-            per_it = st.syn_steps * got[keys[0]]["iteration_s"] * scale
-            rows[method] = {
-                "iterations": st.iterations, "syn_steps": st.syn_steps, "iteration_s": per_it,
-                "extrapolated": f"R=1 at batch {b or st.mini_batch} x {st.syn_steps} steps x {scale:g}; "
-                                f"R=2 did not fit in {args.memory_limit_gb:g} GB",
-                "peak_rss_mb": float("nan"), "distill_s": st.iterations * per_it,
-                "experts_s": experts_s, "total_s": text_once + st.iterations * per_it + experts_s,
-            }  # fmt: skip
-            rows[method]["vs_pds"] = rows[method]["total_s"] / pds_s
-            rows[method]["distill_only_vs_pds"] = rows[method]["distill_s"] / pds_s
+        iters, r_pub, b_pub = published(cfg, method, m)
+        cost = iteration_cost(args, method, {k: v for k, v in runs.items() if "iteration_s" in v}, r_pub, b_pub)
+        if cost is None:
             continue
-        if any(k not in got for k in keys):
-            continue
-        how, r_pub = "measured", None
-        if method in ("mtt-vl", "tesla-vl", "lors"):
-            from rdistill.methods.trajectory import resolve_settings
-
-            st = resolve_settings(cfg, method, m)
-            r_pub, b_pub = st.syn_steps, st.mini_batch
-            (_, _, b), a, c = variants(args, method)[0], got[keys[0]], got[keys[1]]
-            scale = b_pub / b if b else 1.0  # a step's cost grows with its batch: scale the per-step increment
-            per_it = a["iteration_s"] + (r_pub - 1) * (c["iteration_s"] - a["iteration_s"]) * scale
-            base = a["peak_rss_mb"] - (c["peak_rss_mb"] - a["peak_rss_mb"])
-            peak = base + r_pub * (c["peak_rss_mb"] - a["peak_rss_mb"]) * scale
-            how = f"R=1,2 at batch {b or b_pub} -> R={r_pub}, batch {b_pub}"
-        elif method == "covmatch":
-            from rdistill.methods.covmatch import CovMatchSettings
-
-            b_pub = CovMatchSettings.from_config(cfg).batch_real
-            (b1, b2), (a, c) = args.covmatch_batches, (got[keys[0]], got[keys[1]])
-            per_it = _line(b1, a["iteration_s"], b2, c["iteration_s"], b_pub)
-            peak = _line(b1, a["peak_rss_mb"], b2, c["peak_rss_mb"], b_pub)
-            how = f"real batch {b1},{b2} -> {b_pub}"
-        else:
-            per_it, peak = got[keys[0]]["iteration_s"], got[keys[0]]["peak_rss_mb"]
-        uses_experts = method != "covmatch"
-        total = text_once + iters * per_it + (experts_s if uses_experts else 0.0)
+        per_it, peak, how = cost
+        experts = experts_s if method != "covmatch" else 0.0  # CovMatch trains no experts
+        total = text_once + iters * per_it + experts
         rows[method] = {
             "iterations": iters, "syn_steps": r_pub, "iteration_s": per_it, "extrapolated": how, "peak_rss_mb": peak,
-            "distill_s": iters * per_it, "experts_s": experts_s if uses_experts else 0.0, "total_s": total,
-            "vs_pds": total / pds_s, "distill_only_vs_pds": iters * per_it / pds_s,
+            "distill_s": iters * per_it, "experts_s": experts, "total_s": total, "vs_pds": total / pds_s,
+            "distill_only_vs_pds": iters * per_it / pds_s,
         }  # fmt: skip
     pds = {"embed_s": embed_s, "engine_s": engine_s, "decode_s": decode_s, "total_s": pds_s}
     return {"pds": pds, "text_features_s": text_once, "expert_steps": expert_steps, "experts_s": experts_s,

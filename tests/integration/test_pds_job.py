@@ -116,7 +116,7 @@ def multinode(tmp_path_factory):
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc)
 
 
 def _submit(head, out, *extra, env_vars=None):
