@@ -153,19 +153,22 @@ def pca_project(x: np.ndarray, dims: int) -> np.ndarray:
     return np.ascontiguousarray(centred @ vecs[:, -dims:].astype(np.float32))
 
 
-def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int, weights: np.ndarray | None = None) -> np.ndarray:
-    """sum_i w_i x_i per cluster, (k, d) float64, without copying x (float32 weights keep scipy from upcasting x)."""
+def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int, weights: np.ndarray | None = None,
+                 idx: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """sum_i w_i x_i per cluster, (k, d) float64, without copying x (float32 weights keep scipy from upcasting x);
+    ``idx`` (increasing): the rows of x that ``labels`` label (default: all), summed in place, not gathered."""
     w = np.ones(labels.shape[0], dtype=np.float32) if weights is None else weights.astype(np.float32)
-    s = sp.csr_matrix((w, (labels, np.arange(labels.shape[0]))), shape=(k, labels.shape[0]))
+    cols = np.arange(labels.shape[0]) if idx is None else idx
+    s = sp.csr_matrix((w, (labels, cols)), shape=(k, x.shape[0]))
     return np.asarray(s @ x, dtype=np.float64)
 
 
-def _rowwise_dot(x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """(x[i] . y[rows[i]]) for all i, chunked so the gathered copy of y stays small."""
-    out = np.empty(x.shape[0], dtype=np.float64)
-    for s in range(0, x.shape[0], _CHUNK):
-        e = min(s + _CHUNK, x.shape[0])
-        out[s:e] = np.einsum("ij,ij->i", x[s:e], y[rows[s:e]])
+def _rowwise_dot(x: np.ndarray, idx: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(x[idx[i]] . y[rows[i]]) for all i, chunked so the gathered copies stay small."""
+    out = np.empty(idx.shape[0], dtype=np.float64)
+    for s in range(0, idx.shape[0], _CHUNK):
+        e = min(s + _CHUNK, idx.shape[0])
+        out[s:e] = np.einsum("ij,ij->i", x[idx[s:e]], y[rows[s:e]])
     return out
 
 
@@ -267,20 +270,20 @@ class KMeansShard:
         idx, p = self._stale(sid, k)
         return {
             "counts": np.bincount(p, minlength=sid.size).astype(np.int64),
-            "sums": cluster_sums(self.x[idx], p, sid.size),
+            "sums": cluster_sums(self.x, p, sid.size, idx=idx),
             "xsq": np.bincount(p, weights=self.xsq[idx], minlength=sid.size),
         }
 
     def _project(self, sid: np.ndarray, k: int, means: np.ndarray, v: np.ndarray):
         idx, p = self._stale(sid, k)
-        proj = _rowwise_dot(self.x[idx], v.astype(np.float32), p) - np.einsum("ij,ij->i", means, v)[p]
+        proj = _rowwise_dot(self.x, idx, v.astype(np.float32), p) - np.einsum("ij,ij->i", means, v)[p]
         return idx, p, proj
 
     def power(self, sid: np.ndarray, k: int, means: np.ndarray, v: np.ndarray) -> dict:
         """One power-iteration step of each stale cluster's covariance: sum_i p_i x_i (ks, d) and sum_i p_i (ks,),
         p_i = (x_i - m) . v (the covariance-vector product is ``sum_i p_i x_i - m sum_i p_i``)."""
         idx, p, proj = self._project(sid, k, means, v)
-        return {"wsum": cluster_sums(self.x[idx], p, sid.size, proj),
+        return {"wsum": cluster_sums(self.x, p, sid.size, proj, idx),
                 "psum": np.bincount(p, weights=proj, minlength=sid.size)}  # fmt: skip
 
     def project(self, sid: np.ndarray, k: int, means: np.ndarray, v: np.ndarray) -> dict:
@@ -303,7 +306,7 @@ class KMeansShard:
         side = p * 2 + up
         return {
             "h_counts": np.bincount(side, minlength=2 * sid.size).astype(np.int64),
-            "h_sums": cluster_sums(self.x[idx], side, 2 * sid.size),
+            "h_sums": cluster_sums(self.x, side, 2 * sid.size, idx=idx),
             "h_xsq": np.bincount(side, weights=self.xsq[idx], minlength=2 * sid.size),
         }
 

@@ -12,12 +12,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rdistill.io.rowpool import for_row_ranges
+
 SimBlocks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 
 
 def pair_similarity(img_emb: np.ndarray, txt_emb: np.ndarray) -> np.ndarray:
-    """Row-wise dot product of (n, d) arrays: the cosine similarity of each pair when rows are unit. (n,) float32."""
-    return np.einsum("ij,ij->i", img_emb, txt_emb, dtype=np.float32)
+    """Row-wise dot product of (n, d) arrays: the cosine similarity of each pair when rows are unit. (n,) float32.
+    Row ranges run on this process's cores (each row's sum is the same whatever the ranges)."""
+    out = np.empty(img_emb.shape[0], dtype=np.float32)
+
+    def work(r0: int, r1: int) -> None:
+        np.einsum("ij,ij->i", img_emb[r0:r1], txt_emb[r0:r1], dtype=np.float32, out=out[r0:r1])
+
+    for_row_ranges(work, img_emb.shape[0])
+    return out
 
 
 def _bins(sims: np.ndarray, num_bins: int) -> np.ndarray:

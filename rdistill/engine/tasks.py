@@ -6,6 +6,7 @@ returns a small partial: O(M·d) at most, never O(rows).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,16 +18,24 @@ from rdistill.algo.prune import PruneCut, level_histogram, pair_similarity, rows
 from rdistill.algo.retrieval import NearestRows
 from rdistill.config import Config
 from rdistill.io.outputs import atomic_path
-from rdistill.io.store import Block, EmbeddingStore, Part, StoreError
+from rdistill.io.rowpool import for_row_ranges
+from rdistill.io.store import Block, BlockBuffers, EmbeddingStore, Part, StoreError
 
 
 def unit_rows(x: np.ndarray, enabled: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Raw row norms of ``x`` (n, d) float32, and ``x`` L2-normalised *in place* when ``enabled`` (the caller owns
-    ``x``: a block fresh from the store or a masked copy). NaN/inf/zero rows are left to the caller's mask."""
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-    if enabled:
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            x /= np.where(norms > 0, norms, 1)[:, None]
+    ``x``: a block fresh from the store or a masked copy). NaN/inf/zero rows are left to the caller's mask. Row
+    ranges run on this process's cores (:func:`rdistill.io.rowpool.for_row_ranges`)."""
+    norms = np.empty(x.shape[0], dtype=x.dtype)
+
+    def work(r0: int, r1: int) -> None:
+        v = x[r0:r1]
+        np.sqrt(np.einsum("ij,ij->i", v, v), out=norms[r0:r1])
+        if enabled:
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                v /= np.where(norms[r0:r1] > 0, norms[r0:r1], 1)[:, None]
+
+    for_row_ranges(work, x.shape[0])
     return x, norms
 
 
@@ -39,23 +48,35 @@ class PartCache:
         self.parts: dict[int, list[Block]] = {}
 
 
+_free_buffers: list[BlockBuffers] = []  # reused block memory of this process, one set per live stream
+
+
 def prepared_blocks(store: EmbeddingStore, part: Part, cfg: Config, *, img: bool = True,
-                    cache: PartCache | None = None) -> list[Block] | object:  # fmt: skip
-    """The blocks of ``part``: rows normalised in place (when ``embeddings.normalize``) with their raw norms in
-    ``img_norm``/``txt_norm``."""
+                    cache: PartCache | None = None) -> Iterator[Block]:  # fmt: skip
+    """The blocks of ``part``, in order: rows normalised in place (when ``embeddings.normalize``) with their raw
+    norms in ``img_norm``/``txt_norm``. A part that ``cache`` holds, or takes now, is in memory of its own; any
+    other part streams through reused buffers, so a block is valid until the next one is drawn (consumers copy
+    what they keep)."""
     if cache is not None and part.index in cache.parts:
-        return cache.parts[part.index]
+        yield from cache.parts[part.index]
+        return
     keep = cache is not None and img and cache.used + part.rows * store.dim * 8 <= cache.budget
+    buffers = None if keep else (_free_buffers.pop() if _free_buffers else BlockBuffers())
     out = []
-    for b in store.part_blocks(part, cfg.embeddings.block_rows, img=img):
-        if b.img is not None:
-            b.img, b.img_norm = unit_rows(b.img, cfg.embeddings.normalize)
-        b.txt, b.txt_norm = unit_rows(b.txt, cfg.embeddings.normalize)
-        out.append(b)
+    try:
+        for b in store.part_blocks(part, cfg.embeddings.block_rows, img=img, buffers=buffers):
+            if b.img is not None:
+                b.img, b.img_norm = unit_rows(b.img, cfg.embeddings.normalize)
+            b.txt, b.txt_norm = unit_rows(b.txt, cfg.embeddings.normalize)
+            if keep:
+                out.append(b)
+            yield b
+    finally:
+        if buffers is not None:
+            _free_buffers.append(buffers)
     if keep:
         cache.parts[part.index] = out
         cache.used += part.rows * store.dim * 8
-    return out
 
 
 def _bytes(part: Part, img: bool = True) -> int:
@@ -188,9 +209,8 @@ def prototypes_part(part: Part, *, store: EmbeddingStore, cfg: Config, work: str
     sums = []
     for b in prepared_blocks(store, part, cfg, cache=cache):
         lab = labels[b.offset : b.offset + b.rows.size]
-        m = lab[:, 0] >= 0
-        if m.any():
-            sums.append(means.sums(b.img[m], b.txt[m], lab[m, 0], lab[m, 1], b.img_norm[m], b.txt_norm[m]))
+        if (lab[:, 0] >= 0).any():  # rows not kept (-1, -1) match no planned cell: the whole block goes in, uncopied
+            sums.append(means.sums(b.img, b.txt, lab[:, 0], lab[:, 1], b.img_norm, b.txt_norm))
     return CellSums.combine(sums, store.dim), _bytes(part)
 
 
@@ -202,6 +222,6 @@ def captions_part(part: Part, *, store: EmbeddingStore, cfg: Config, work: str, 
     sims = _load(work, "sims", part.index)
     for b in prepared_blocks(store, part, cfg, img=False, cache=cache):
         ok = ~np.isnan(sims[b.offset : b.offset + b.rows.size])
-        txt = b.txt[ok] if cfg.embeddings.normalize else b.txt[ok] / b.txt_norm[ok, None]
-        nearest.add(txt, b.rows[ok])
+        txt, rows = (b.txt, b.rows) if ok.all() else (b.txt[ok], b.rows[ok])  # all valid: no copy
+        nearest.add(txt if cfg.embeddings.normalize else txt / b.txt_norm[ok, None], rows)
     return nearest.best_row, nearest.best_score, _bytes(part, img=False)
