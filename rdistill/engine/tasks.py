@@ -48,7 +48,10 @@ class PartCache:
         self.parts: dict[int, list[Block]] = {}
 
 
-_free_buffers: list[BlockBuffers] = []  # reused block memory of this process, one set per live stream
+# Reused block memory of this process: a stream takes a set and gives it back when it ends; one set is kept between
+# streams (12 bytes per row and dimension of a block: 0.6 GB at 65536 x 768, what each block allocated before), so
+# a process's memory stays that of one block per live stream, whatever N is.
+_free_buffers: list[BlockBuffers] = []
 
 
 def prepared_blocks(store: EmbeddingStore, part: Part, cfg: Config, *, img: bool = True,
@@ -72,7 +75,7 @@ def prepared_blocks(store: EmbeddingStore, part: Part, cfg: Config, *, img: bool
                 out.append(b)
             yield b
     finally:
-        if buffers is not None:
+        if buffers is not None and not _free_buffers:
             _free_buffers.append(buffers)
     if keep:
         cache.parts[part.index] = out
