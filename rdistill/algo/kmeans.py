@@ -164,11 +164,13 @@ def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int, weights: np.ndarray 
 
 
 def _rowwise_dot(x: np.ndarray, idx: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """(x[idx[i]] . y[rows[i]]) for all i, chunked so the gathered copies stay small."""
+    """(x[idx[i]] . y[rows[i]]) for all i, chunked so the gathered copies stay small; ``idx`` (increasing) naming
+    every row of x reads x in place."""
     out = np.empty(idx.shape[0], dtype=np.float64)
+    every = idx.shape[0] == x.shape[0]
     for s in range(0, idx.shape[0], _CHUNK):
         e = min(s + _CHUNK, idx.shape[0])
-        out[s:e] = np.einsum("ij,ij->i", x[idx[s:e]], y[rows[s:e]])
+        out[s:e] = np.einsum("ij,ij->i", x[s:e] if every else x[idx[s:e]], y[rows[s:e]])
     return out
 
 

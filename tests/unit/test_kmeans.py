@@ -4,6 +4,7 @@ import pytest
 
 from rdistill.algo.kmeans import (
     LocalShards,
+    _rowwise_dot,
     fit_kmeans,
     kmeanspp,
     merge_costs,
@@ -112,3 +113,13 @@ def test_merge_costs_are_ward_increases():
 def test_fit_kmeans_refuses_too_few_points():
     with pytest.raises(ValueError, match="at least k=10"):
         fit_kmeans(np.zeros((5, 3), dtype=np.float32), 10)
+
+
+def test_rowwise_dot_over_every_row_and_over_a_subset():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    y = rng.standard_normal((7, 16)).astype(np.float32)
+    for idx in (np.arange(300), np.sort(rng.choice(300, 120, replace=False))):
+        rows = rng.integers(0, 7, idx.size)
+        want = np.array([float(x[i].astype(np.float64) @ y[r]) for i, r in zip(idx, rows)])
+        np.testing.assert_allclose(_rowwise_dot(x, idx, y, rows), want, rtol=1e-5, atol=1e-5)
