@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from rdistill.errors import InputError
 from rdistill.io.fingerprint import file_version
-from rdistill.io.rowpool import for_row_ranges
+from rdistill.io.rowpool import to_float32
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +281,7 @@ class EmbeddingStore:
             raise StoreError(f"{arr.path}: truncated (header says {arr.rows} rows, data ends before row {r1})")
         src = np.frombuffer(data, dtype=arr.dtype).reshape(n, arr.dim)
         out = buf.rows(name, n, arr.dim) if buf is not None else np.empty((n, arr.dim), dtype=np.float32)
-        for_row_ranges(lambda a, b: np.copyto(out[a:b], src[a:b], casting="unsafe"), n)
-        return out
+        return to_float32(src, out)
 
     def part_blocks(self, p: Part, block_rows: int, *, img: bool = True, txt: bool = True,
                     buffers: BlockBuffers | None = None) -> Iterator[Block]:  # fmt: skip

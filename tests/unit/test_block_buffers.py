@@ -94,3 +94,18 @@ def test_row_range_errors_reach_the_caller(monkeypatch):
 
     with pytest.raises(ValueError, match="second range"):
         rowpool.for_row_ranges(work, 20_000)
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_float16_conversion_matches_numpy_for_every_bit_pattern(monkeypatch, threads):
+    """FAISS's fp16 decoder, split over row threads, gives numpy's cast bit for bit: all 65536 float16 values
+    (NaN payloads, infinities, subnormals, -0), from a writable and a read-only buffer (what ``f.read`` returns)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    for rows, dim in ((8192, 8), (256, 256), (5, 768)):  # 8192 rows: split into ranges on two threads
+        src = np.resize(every, rows * dim).reshape(rows, dim)
+        for s in (src, np.frombuffer(src.tobytes(), dtype=np.float16).reshape(rows, dim)):
+            out = rowpool.to_float32(s, np.full((rows, dim), 7.0, dtype=np.float32))
+            np.testing.assert_array_equal(out.view(np.uint32), s.astype(np.float32).view(np.uint32))
+    f32 = np.random.default_rng(0).standard_normal((100, 3)).astype(np.float32)
+    np.testing.assert_array_equal(rowpool.to_float32(f32, np.empty_like(f32)), f32)
