@@ -62,6 +62,12 @@ class ClusterConfig:
     )
     refine_niter: int = _f(0, lo=0, doc="Lloyd iterations after each refinement round (0: local relabelling only)")
     final_niter: int = _f(3, lo=0, doc="Lloyd iterations after refinement, when it moved anything")
+    min_gain_ratio: float = _f(
+        1.0,
+        lo=0.0,
+        doc="a split-merge move is taken when its split gain exceeds this times the Ward cost of its merge; below 1 "
+        "it also takes moves that Ward's cost (an upper bound: the merged rows may go elsewhere) rejects",
+    )
     shard_rows: int = _f(
         65536,
         lo=64,

@@ -202,6 +202,7 @@ def cluster(ctx: Context, scanned: Scanned, pruned: Pruned) -> Clusters:
         refine_rounds=cc.refine_rounds,
         refine_niter=cc.refine_niter,
         final_niter=cc.final_niter,
+        min_gain_ratio=cc.min_gain_ratio,
     )
     out = {}
     for modality, seed in (("img", cfg.seed), ("txt", cfg.seed + 1)):
