@@ -67,7 +67,10 @@ def to_float32(src: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``src`` (n, d) float16 or float32 into ``out`` (n, d) float32, on this process's cores; returns ``out``.
     Every float16 bit pattern (NaN, infinities and subnormals included) converts as numpy's cast does."""
     n = src.shape[0]
-    if src.dtype == np.float16 and src.ndim == 2 and src.shape[1] > 0 and src.flags.c_contiguous and n:
+    if out.shape != src.shape or out.dtype != np.float32:
+        raise ValueError(f"to_float32: out is {out.dtype} {out.shape}, needs float32 {src.shape}")
+    plain = src.flags.c_contiguous and out.flags.c_contiguous  # FAISS reads and writes raw row-major memory
+    if src.dtype == np.float16 and src.ndim == 2 and src.shape[1] > 0 and plain and n:
         faiss, sq = _half_decoder(src.shape[1])
         codes = src.view(np.uint8)
 

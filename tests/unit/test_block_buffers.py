@@ -109,3 +109,12 @@ def test_float16_conversion_matches_numpy_for_every_bit_pattern(monkeypatch, thr
             np.testing.assert_array_equal(out.view(np.uint32), s.astype(np.float32).view(np.uint32))
     f32 = np.random.default_rng(0).standard_normal((100, 3)).astype(np.float32)
     np.testing.assert_array_equal(rowpool.to_float32(f32, np.empty_like(f32)), f32)
+    strided = np.resize(every, (64, 512))[:, ::2]  # not contiguous: numpy's cast, same values
+    np.testing.assert_array_equal(
+        rowpool.to_float32(strided, np.empty((64, 256), np.float32)), strided.astype(np.float32)
+    )
+    dense = np.ascontiguousarray(strided)
+    out_t = np.empty((256, 64), np.float32).T  # a non-contiguous output is written through numpy too
+    np.testing.assert_array_equal(rowpool.to_float32(dense, out_t), dense.astype(np.float32))
+    with pytest.raises(ValueError, match="needs float32"):
+        rowpool.to_float32(strided, np.empty((64, 255), np.float32))
