@@ -5,9 +5,11 @@
 Every engine pass reads the store's float16 parts into float32 blocks (:meth:`rdistill.io.store.EmbeddingStore.
 part_blocks`), and on a CPU node that conversion is a visible share of a pass. This reads each part's raw float16
 rows once (memory-mapped, so what is timed is the conversion, not the disk), then converts every block both ways
-into one reused float32 buffer, on this process's row threads (:func:`rdistill.io.rowpool.for_row_ranges`):
-``numpy`` (``np.copyto``, what the store did before) and ``faiss`` (:func:`rdistill.io.rowpool.to_float32`). The
-two run interleaved ``rounds`` times; each keeps its best total. Both results are checked bit for bit.
+into one reused float32 buffer, on this process's row threads: ``numpy``
+(:func:`rdistill.io.rowpool.cast_float32`, what the store did before) and ``faiss``
+(:func:`rdistill.io.rowpool.to_float32`). The two run interleaved ``rounds`` times; each keeps its best total. In
+the first round every block's two results are compared bit for bit. The store must be a local directory (the parts
+are memory-mapped).
 """
 
 from __future__ import annotations
@@ -20,18 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from rdistill.io.rowpool import for_row_ranges, row_threads, to_float32
+from rdistill.io.rowpool import cast_float32, row_threads, to_float32
 from rdistill.io.store import EmbeddingStore
-
-
-def numpy_to_float32(src: np.ndarray, out: np.ndarray) -> np.ndarray:
-    for_row_ranges(lambda a, b: np.copyto(out[a:b], src[a:b], casting="unsafe"), src.shape[0])
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rdistill.dev.bench_read")
-    p.add_argument("--store", required=True, help="an embedding store with float16 parts")
+    p.add_argument("--store", required=True, help="a local embedding store with float16 parts")
     p.add_argument("--block-rows", type=int, default=65536)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", help="write the results as JSON here")
@@ -42,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.store}: needs float16 parts", file=sys.stderr)
         return 2
     out = np.empty((args.block_rows, store.dim), dtype=np.float32)
-    ways = {"numpy": numpy_to_float32, "faiss": to_float32}
+    ways = {"numpy": cast_float32, "faiss": to_float32}
     best = dict.fromkeys(ways, float("inf"))
     elements = 0
     for r in range(args.rounds):
@@ -57,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.perf_counter()
                     fn(block, o)
                     totals[name] += time.perf_counter() - t0
-                    bits[name] = o.view(np.uint32).copy() if r == 0 and r0 == 0 else None
-                if bits["numpy"] is not None and not np.array_equal(bits["numpy"], bits["faiss"]):
+                    bits[name] = o.view(np.uint32).copy() if r == 0 else None  # every block, in the first round
+                if r == 0 and not np.array_equal(bits["numpy"], bits["faiss"]):
                     print(f"error: {a.path}: the two conversions differ", file=sys.stderr)
                     return 1
                 elements += block.size if r == 0 else 0

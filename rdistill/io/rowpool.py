@@ -78,9 +78,14 @@ def to_float32(src: np.ndarray, out: np.ndarray) -> np.ndarray:
             sq.decode_c(faiss.swig_ptr(codes[r0:r1]), faiss.swig_ptr(out[r0:r1]), r1 - r0)
 
     else:
-
-        def work(r0: int, r1: int) -> None:
-            np.copyto(out[r0:r1], src[r0:r1], casting="unsafe")
+        return cast_float32(src, out)
 
     for_row_ranges(work, n)
+    return out
+
+
+def cast_float32(src: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``src`` into ``out`` (float32) by numpy's cast, on this process's cores: :func:`to_float32`'s way for
+    what FAISS cannot read (float32, non-contiguous arrays), and the baseline it is measured against."""
+    for_row_ranges(lambda r0, r1: np.copyto(out[r0:r1], src[r0:r1], casting="unsafe"), src.shape[0])
     return out
